@@ -1,0 +1,110 @@
+"""What every federation yields: named clients, each with its own train/val/test datasets.
+
+A federation is built by a registered builder from a data root and an explicit seed:
+
+    @register_federation("nuclei-multisource", task="segmentation",
+                         description="one client per source/organ")
+    def build(*, data_root: Path | None, seed: int, **options) -> Federation: ...
+
+Dataset contracts (all tensors are torch, channels first):
+- segmentation train: item -> (image float32 [3, c, c] in [0, 1], mask float32 [1, c, c] in {0, 1});
+  random crops + flips/rot90 + light HSV jitter; ``reseed(seed: int)`` fixes the crops/augmentations
+  of the next pass so a round is reproducible.
+- segmentation eval (val/test): whole images, item -> (image float32 [3, H, W], mask float32 [1, H, W]);
+  sizes vary, evaluate with batch size 1 and sliding-window inference.
+- classification: item -> (image float32 [3, p, p], label int64 scalar); attribute ``labels`` (np.int64 [N]).
+- mil: item -> (features float32 [N_i, D], label int64 scalar); attribute ``labels``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from torch.utils.data import Dataset
+
+from histofed.registry import Registry
+
+Task = Literal["segmentation", "classification", "mil"]
+
+
+@dataclass
+class ClientData:
+    """One hospital's data. ``info`` holds summary facts (source, organ, counts) for tables."""
+
+    name: str
+    train: Dataset
+    test: Dataset
+    val: Dataset | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_train(self) -> int:
+        """Number of training examples (tiles, patches or bags), used as the FedAvg weight."""
+        return int(self.info.get("num_train", len(self.train)))
+
+
+@dataclass
+class Federation:
+    name: str
+    task: Task
+    clients: list[ClientData]
+    num_classes: int  # 1 for binary segmentation
+    description: str = ""
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        names = [c.name for c in self.clients]
+        if len(set(names)) != len(names):
+            raise ValueError(f"federation {self.name!r}: duplicate client names {names}")
+        for c in self.clients:
+            if len(c.train) == 0:
+                raise ValueError(
+                    f"federation {self.name!r}: client {c.name!r} has no training data; "
+                    "drop it from the federation or lower the minimum partition size"
+                )
+
+    @property
+    def client_names(self) -> list[str]:
+        return [c.name for c in self.clients]
+
+
+@dataclass(frozen=True)
+class FederationSpec:
+    name: str
+    task: Task
+    description: str
+    builder: Callable[..., Federation]
+    needs_data_root: bool = True
+
+
+FEDERATIONS: Registry[FederationSpec] = Registry("federation")
+
+
+def register_federation(
+    name: str, *, task: Task, description: str, needs_data_root: bool = True
+) -> Callable[[Callable[..., Federation]], Callable[..., Federation]]:
+    """Register a federation builder ``f(*, data_root, seed, **options) -> Federation``."""
+
+    def decorator(fn: Callable[..., Federation]) -> Callable[..., Federation]:
+        FEDERATIONS.add(name, FederationSpec(name, task, description, fn, needs_data_root))
+        return fn
+
+    return decorator
+
+
+def build_federation(
+    name: str, *, data_root: Path | None, seed: int, **options: Any
+) -> Federation:
+    """Build a registered federation; errors name the federation and the missing data."""
+    import histofed.data.registry  # noqa: F401  (registers the built-in federations)
+
+    spec = FEDERATIONS.get(name)
+    if spec.needs_data_root and data_root is None:
+        raise ValueError(
+            f"federation {name!r} reads real data: pass --data-root PATH or set HISTOFED_DATA "
+            "(e.g. ../shared/data), or use the 'synthetic-nuclei' federation"
+        )
+    return spec.builder(data_root=Path(data_root) if data_root else None, seed=seed, **options)
