@@ -1,0 +1,1 @@
+"""Federation builders (placeholder until written)."""
