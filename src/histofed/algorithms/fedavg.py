@@ -1,0 +1,37 @@
+"""FedAvg (McMahan et al., AISTATS 2017).
+
+Each round every client starts from the global weights theta_t, trains locally to theta_k,
+and the server sets theta_{t+1} = sum_k n_k theta_k / sum_k n_k  (n_k = local training
+examples). Normalisation-layer buffers (BatchNorm running mean/var) are averaged like weights;
+``num_batches_tracked`` stays local (see algorithms/weights.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from histofed.algorithms.aggregate import weighted_mean
+from histofed.algorithms.base import Algorithm, ClientContext, Payload, ServerContext
+from histofed.algorithms.training import local_train
+from histofed.algorithms.weights import get_weights, load_weights
+
+
+@dataclass
+class FedAvg(Algorithm):
+    name = "fedavg"
+
+    def fit(self, ctx: ClientContext, payload: Payload) -> Payload:
+        load_weights(ctx.model, payload.arrays)
+        ctx.logs.update(local_train(ctx, extra_loss=self.extra_loss(ctx, payload)))
+        return Payload(get_weights(ctx.model), {"num_examples": ctx.data.num_train}, kind="weights")
+
+    def extra_loss(self, ctx: ClientContext, payload: Payload):
+        """Hook for methods that add a term to the local loss (FedProx, FedSODA)."""
+        return None
+
+    def aggregate(self, sctx: ServerContext, state: Payload, results: dict[int, Payload]) -> Payload:
+        cids = sorted(results)
+        new = weighted_mean(
+            [results[c].arrays for c in cids], [float(results[c].scalars["num_examples"]) for c in cids]
+        )
+        return Payload({**state.arrays, **new}, state.scalars, kind="state")

@@ -1,0 +1,39 @@
+"""FedProx (Li et al., MLSys 2020): FedAvg plus a proximal term in each client's loss,
+
+    L_k(theta) = task_loss(theta) + mu / 2 * ||theta - theta_t||^2,
+
+which keeps local models near the global one theta_t under heterogeneous data.
+Aggregation is FedAvg's. ``mu = 0`` is exactly FedAvg.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from histofed.algorithms.base import ClientContext, Payload
+from histofed.algorithms.fedavg import FedAvg
+from histofed.config import ConfigError
+
+
+@dataclass
+class FedProx(FedAvg):
+    name = "fedprox"
+    mu: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.mu < 0:
+            raise ConfigError(f"[algorithm].mu must be >= 0 for fedprox, got {self.mu}")
+
+    def extra_loss(self, ctx: ClientContext, payload: Payload):
+        if self.mu == 0:
+            return None
+        anchors = {name: torch.from_numpy(payload.arrays[name]).clone()
+                   for name, _ in ctx.model.named_parameters()}
+
+        def proximal(model, inputs, target, logits):
+            return 0.5 * self.mu * sum(
+                torch.sum((p - anchors[n]) ** 2) for n, p in model.named_parameters())
+
+        return proximal

@@ -1,0 +1,224 @@
+"""The server side of every engine: the round loop, logging, checkpoints and resume.
+
+Per round t:  payloads = configure_fit -> transport runs client fit jobs -> aggregate
+              -> (every eval_every rounds) configure_evaluate -> client evaluate jobs
+              -> metrics.jsonl, egress.jsonl, checkpoint round-t.
+The transport decides where clients run (worker processes here, or Flower nodes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from histofed.algorithms.aggregate import non_finite_keys
+from histofed.algorithms.base import ClientInfo, Payload, ServerContext
+from histofed.algorithms.weights import get_weights
+from histofed.config import Config, dump_toml
+from histofed.data.federation import Federation
+from histofed.engine import rundir
+from histofed.engine.runtime import POOLED, ClientJob, ClientRuntime, JobResult
+
+
+class Transport(Protocol):
+    keeps_state: bool
+
+    def run(self, jobs: list[ClientJob], desc: str = ...) -> list[JobResult]: ...
+
+    def close(self) -> None: ...
+
+
+class RunError(RuntimeError):
+    """The run cannot continue; the message says what is intact and how to resume."""
+
+
+def dataset_nbytes(dataset) -> int:
+    """Bytes of raw data a dataset holds (what pooling it would move off-site)."""
+    if hasattr(dataset, "datasets"):
+        return sum(dataset_nbytes(d) for d in dataset.datasets)
+    total = 0
+    for attr in ("images", "masks", "features"):
+        items = getattr(dataset, attr, None)
+        if items is not None:
+            total += sum(np.asarray(x).nbytes for x in items)
+    if total == 0 and len(dataset):
+        first = dataset[0]
+        total = len(dataset) * sum(np.asarray(x).nbytes for x in first)
+    return int(total)
+
+
+class Experiment:
+    """One federated run into one run directory (new, or resumed from its last checkpoint)."""
+
+    def __init__(self, config: Config, federation: Federation, run_dir: Path) -> None:
+        self.config = config
+        self.federation = federation
+        self.run_dir = Path(run_dir)
+        self.runtime = ClientRuntime(config, federation)  # server-side model factory + algorithm
+        self.algorithm = self.runtime.algorithm
+        self.rounds = 1 if self.algorithm.one_shot else config.run.rounds
+        self.clients = [ClientInfo(i, c.name, c.num_train) for i, c in enumerate(federation.clients)]
+        self.names = {c.cid: c.name for c in self.clients} | {POOLED: "pooled"}
+
+    # ---- setup -----------------------------------------------------------------------------
+    def server_context(self, rnd: int, clients: list[ClientInfo] | None = None) -> ServerContext:
+        return ServerContext(round=rnd, seed=self.config.run.seed, clients=clients or self.clients,
+                             build_model=self.runtime.build_model)
+
+    def initial_state(self) -> Payload:
+        torch.manual_seed(self.config.run.seed)
+        init = get_weights(self.runtime.build_model(None))
+        return self.algorithm.init_state(self.server_context(0), init)
+
+    def write_header(self, engine: str) -> None:
+        rundir.atomic_write_text(self.run_dir / "config.toml", dump_toml(self.config.to_dict()))
+        self._write_run_json(engine=engine, started=time.time())
+
+    def _write_run_json(self, **updates) -> None:
+        path = self.run_dir / "run.json"
+        info = json.loads(path.read_text()) if path.exists() else {
+            "name": self.config.run.name, "algorithm": self.config.algorithm.name,
+            "federation": self.federation.name, "model": self.config.model.name,
+            "seed": self.config.run.seed, "rounds": self.rounds,
+            "clients": [c.name for c in self.clients], "task": self.federation.task}
+        info.update(updates)
+        rundir.atomic_write_text(path, json.dumps(info, indent=2))
+
+    # ---- the loop --------------------------------------------------------------------------
+    def run(self, transport: Transport, *, resume: bool = False, engine: str = "inprocess",
+            stop_after: int | None = None) -> Payload:
+        """Run (or resume) all rounds; returns the final server state.
+
+        ``stop_after`` ends the run early after that round (used to test crash + resume).
+        """
+        start_round, state, states = 1, None, {c.name: Payload(kind="state") for c in self.clients}
+        if resume:
+            ckpts = rundir.list_checkpoints(self.run_dir)
+            if ckpts:
+                done, state, saved = rundir.load_checkpoint(ckpts[-1])
+                states.update(saved)
+                start_round = done + 1
+                for name in ("metrics.jsonl", "egress.jsonl"):
+                    rundir.truncate_jsonl(self.run_dir / name, done)
+        else:
+            self.write_header(engine)
+        if state is None:
+            state = self.initial_state()
+        t0 = time.time()
+        bar = tqdm(range(start_round, self.rounds + 1), desc=self.config.run.name, unit="round",
+                   initial=start_round - 1, total=self.rounds, dynamic_ncols=True)
+        for rnd in bar:
+            state = self._fit_round(transport, rnd, state, states)
+            last = rnd == self.rounds
+            if last or rnd % self.config.run.eval_every == 0:
+                summary = self._evaluate_round(transport, rnd, state, states)
+                bar.set_postfix_str(summary)
+            rundir.save_checkpoint(self.run_dir, rnd, state, states if transport.keeps_state else {},
+                                   self.config.run.keep_checkpoints)
+            if stop_after is not None and rnd >= stop_after and not last:
+                bar.close()
+                return state
+        bar.close()
+        self._save_final(state, states)
+        self._write_run_json(finished=time.time(), wall_seconds_last_session=time.time() - t0,
+                             engine=engine)
+        return state
+
+    def _jobs(self, kind: str, rnd: int, payloads: dict[int, Payload],
+              states: dict[str, Payload], keeps_state: bool) -> list[ClientJob]:
+        return [ClientJob(kind, cid, rnd, p, states.get(self.names[cid]) if keeps_state else None,
+                          cost=float(self.runtime.client_data(cid).num_train) if cid != POOLED else 0)
+                for cid, p in sorted(payloads.items())]
+
+    def _fit_round(self, transport: Transport, rnd: int, state: Payload,
+                   states: dict[str, Payload]) -> Payload:
+        participants = self.clients
+        if self.algorithm.pooled:
+            participants = [ClientInfo(POOLED, "pooled", sum(c.num_train for c in self.clients))]
+        sctx = self.server_context(rnd, participants)
+        payloads = self.algorithm.configure_fit(sctx, state)
+        results = transport.run(self._jobs("fit", rnd, payloads, states, transport.keeps_state),
+                                desc=f"round {rnd} fit")
+        egress, lines, ok = [], [], {}
+        if self.algorithm.pooled and rnd == 1:
+            egress += [self._egress(rnd, c.name, "up", "raw-data", dataset_nbytes(d.train), "fit")
+                       for c, d in zip(self.clients, self.federation.clients, strict=True)]
+        for res in results:
+            name = self.names[res.cid]
+            egress += self._payload_egress(rnd, name, "down", payloads[res.cid], "fit")
+            if transport.keeps_state and res.state is not None:
+                states[name] = res.state
+            if res.error is None and res.payload is not None:
+                bad = non_finite_keys(res.payload.arrays)
+                if bad:
+                    res.error = (f"client {name!r}, round {rnd}: update has NaN/inf in {bad[:3]}; "
+                                 "dropped from aggregation")
+            if res.error is not None:
+                lines.append({"round": rnd, "client": name, "event": "client_failed",
+                              "message": res.error})
+                tqdm.write(f"warning: {res.error}")
+                continue
+            ok[res.cid] = res.payload
+            egress += self._payload_egress(rnd, name, "up", res.payload, "fit")
+            lines.append({"round": rnd, "client": name, "split": "train", **res.logs})
+        rundir.append_jsonl(self.run_dir / "egress.jsonl", egress)
+        rundir.append_jsonl(self.run_dir / "metrics.jsonl", lines)
+        if not ok:
+            raise RunError(
+                f"round {rnd}: every client failed (see metrics.jsonl events). The checkpoint of "
+                f"round {rnd - 1} is intact: fix the cause (e.g. lower [train].lr) and run "
+                f"`histofed run --resume {self.run_dir}`")
+        return self.algorithm.aggregate(sctx, state, ok)
+
+    def _evaluate_round(self, transport: Transport, rnd: int, state: Payload,
+                        states: dict[str, Payload]) -> str:
+        sctx = self.server_context(rnd)
+        payloads = self.algorithm.configure_evaluate(sctx, state)
+        results = transport.run(self._jobs("evaluate", rnd, payloads, states, transport.keeps_state),
+                                desc=f"round {rnd} eval")
+        lines, egress, scores = [], [], []
+        for res in results:
+            name = self.names[res.cid]
+            egress += self._payload_egress(rnd, name, "down", payloads[res.cid], "evaluate")
+            for key, metrics in res.metrics.items():
+                model, split = key.split("/")
+                lines.append({"round": rnd, "client": name, "split": split, "model": model, **metrics})
+                if split == "test":
+                    scores.append(metrics.get("dice", metrics.get("balanced_accuracy", np.nan)))
+        rundir.append_jsonl(self.run_dir / "metrics.jsonl", lines)
+        rundir.append_jsonl(self.run_dir / "egress.jsonl", egress)
+        metric = "dice" if self.federation.task == "segmentation" else "bal.acc"
+        return f"test {metric} {np.nanmean(scores):.3f}" if scores else ""
+
+    def _payload_egress(self, rnd: int, name: str, direction: str, payload: Payload | None,
+                        phase: str) -> list[dict]:
+        if payload is None:
+            return []
+        return [self._egress(rnd, name, direction, kind, n, phase)
+                for kind, n in payload.nbytes().items()]
+
+    @staticmethod
+    def _egress(rnd: int, client: str, direction: str, kind: str, nbytes: int, phase: str) -> dict:
+        return {"round": rnd, "client": client, "direction": direction, "kind": kind,
+                "bytes": int(nbytes), "phase": phase}
+
+    def _save_final(self, state: Payload, states: dict[str, Payload]) -> None:
+        final = self.run_dir / "final"
+        weights = self.algorithm.final_weights(state)
+        if weights:
+            rundir.save_payload(final / "global", Payload(weights, {}, "weights"))
+        for name, client_state in states.items():
+            personal = self.algorithm.personal_weights(state, client_state)
+            if personal:
+                rundir.save_payload(final / "personal" / name, Payload(personal, {}, "weights"))
+
+
+def config_with(config: Config, **run_updates) -> Config:
+    return config.replace(run=dataclasses.replace(config.run, **run_updates))

@@ -1,0 +1,42 @@
+"""Segmentation UNet: MONAI's residual UNet, sized for CPUs by default.
+
+``norm`` is explicit because federated methods treat norm layers differently: "batch" (FedBN
+keeps these local), "group" (FedSODA's reference code; also what DP-SGD needs), "instance".
+"""
+
+from __future__ import annotations
+
+from monai.networks.nets import UNet
+from torch import nn
+
+from histofed.config import ConfigError
+
+_NORMS = {"batch": "batch", "instance": "instance", "group": ("group", {"num_groups": 8})}
+
+
+def build_unet(
+    *,
+    num_classes: int = 1,
+    in_channels: int = 3,
+    channels: tuple[int, ...] | list[int] = (16, 32, 64, 128),
+    strides: tuple[int, ...] | list[int] | None = None,
+    num_res_units: int = 1,
+    norm: str = "batch",
+    dropout: float = 0.0,
+) -> nn.Module:
+    """A 2-D UNet producing ``num_classes`` logit maps (B x 3 x H x W -> B x C x H x W).
+
+    Example:
+        >>> import torch
+        >>> build_unet(channels=(8, 16))(torch.zeros(1, 3, 64, 64)).shape
+        torch.Size([1, 1, 64, 64])
+    """
+    if norm not in _NORMS:
+        raise ConfigError(f"[model].norm = {norm!r}: choose one of {', '.join(_NORMS)}")
+    channels = tuple(channels)
+    if len(channels) < 2:
+        raise ConfigError("[model].channels needs at least two levels, e.g. [16, 32, 64, 128]")
+    strides = tuple(strides) if strides else (2,) * (len(channels) - 1)
+    return UNet(spatial_dims=2, in_channels=in_channels, out_channels=num_classes,
+                channels=channels, strides=strides, num_res_units=num_res_units,
+                norm=_NORMS[norm], dropout=dropout)

@@ -1,0 +1,175 @@
+"""What "train" and "evaluate" mean for each kind of federation: losses, data loaders and
+evaluation loops for segmentation, tile classification and MIL bag classification."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
+
+from histofed.config import EvalConfig, TrainConfig
+
+
+def reseed(dataset: Dataset, seed: int) -> None:
+    """Fix the random crops/augmentations of a dataset (and of ConcatDataset parts)."""
+    if isinstance(dataset, ConcatDataset):
+        for i, part in enumerate(dataset.datasets):
+            reseed(part, seed + 7919 * i)
+    elif hasattr(dataset, "reseed"):
+        dataset.reseed(seed)
+
+
+def infinite_batches(dataset: Dataset, batch_size: int, seed: int) -> Iterator:
+    """Shuffled batches forever, reproducible from ``seed`` (new shuffle + crops each pass)."""
+    epoch = 0
+    while True:
+        reseed(dataset, seed + 104729 * epoch)
+        gen = torch.Generator().manual_seed(seed + epoch)
+        drop_last = len(dataset) >= batch_size
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=gen,
+                            drop_last=drop_last, num_workers=0)
+        yield from loader
+        epoch += 1
+
+
+@dataclass
+class Task:
+    """Base: subclasses define ``loss`` and ``evaluate``; ``batches`` and ``forward`` rarely change."""
+
+    train_cfg: TrainConfig
+    num_classes: int
+    crop_size: int = 128
+
+    def batches(self, dataset: Dataset, seed: int) -> Iterator:
+        return infinite_batches(dataset, self.train_cfg.batch_size, seed)
+
+    def forward(self, model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+        return model(inputs)
+
+    def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def evaluate(self, model: nn.Module, dataset: Dataset, cfg: EvalConfig) -> dict[str, float]:
+        raise NotImplementedError
+
+
+class SegmentationTask(Task):
+    """Binary segmentation: BCE (+ soft Dice), sliding-window evaluation on whole tiles."""
+
+    def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        # logits, target: B x 1 x H x W
+        bce = F.binary_cross_entropy_with_logits(logits, target)
+        if self.train_cfg.loss == "bce":
+            return bce
+        prob = torch.sigmoid(logits)
+        inter = (prob * target).sum(dim=(1, 2, 3))
+        denom = prob.sum(dim=(1, 2, 3)) + target.sum(dim=(1, 2, 3))
+        soft_dice = 1 - (2 * inter + 1.0) / (denom + 1.0)
+        return bce + soft_dice.mean()
+
+    @torch.no_grad()
+    def predict(self, model: nn.Module, image: torch.Tensor, cfg: EvalConfig) -> torch.Tensor:
+        """Probabilities for one image [1, 3, H, W] -> [1, 1, H, W] by sliding windows (MONAI)."""
+        from monai.inferers import sliding_window_inference
+
+        window = cfg.window or self.crop_size
+        return torch.sigmoid(sliding_window_inference(
+            image, roi_size=(window, window), sw_batch_size=cfg.batch_size, predictor=model,
+            overlap=cfg.overlap, mode="gaussian", padding_mode="reflect"))
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, dataset: Dataset, cfg: EvalConfig) -> dict[str, float]:
+        from histofed.metrics import segmentation_metrics
+
+        was_training = model.training
+        model.eval()
+        preds, targets, losses = [], [], []
+        for i in range(len(dataset)):
+            image, mask = dataset[i]  # 3 x H x W, 1 x H x W
+            prob = self.predict(model, image[None], cfg)[0]  # 1 x H x W
+            losses.append(F.binary_cross_entropy(prob.clamp(1e-6, 1 - 1e-6), mask).item())
+            preds.append((prob[0] >= cfg.threshold).numpy())
+            targets.append(mask[0].numpy() > 0.5)
+        model.train(was_training)
+        return {"loss": float(np.mean(losses)), **segmentation_metrics(preds, targets)}
+
+
+class ClassificationTask(Task):
+    """Tile/patch classification with cross-entropy."""
+
+    def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, target)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, dataset: Dataset, cfg: EvalConfig) -> dict[str, float]:
+        from histofed.metrics import classification_metrics
+
+        was_training = model.training
+        model.eval()
+        logits, labels = [], []
+        loader = DataLoader(dataset, batch_size=max(cfg.batch_size, 64), shuffle=False)
+        for x, y in loader:
+            logits.append(self.forward(model, x))
+            labels.append(y)
+        model.train(was_training)
+        all_logits, all_labels = torch.cat(logits), torch.cat(labels)
+        loss = F.cross_entropy(all_logits, all_labels).item()
+        probs = torch.softmax(all_logits, dim=1).numpy()
+        return {"loss": loss, **classification_metrics(probs, all_labels.numpy())}
+
+
+class MILTask(ClassificationTask):
+    """Bag classification: one bag (N_i x D features) per step, since bag sizes differ."""
+
+    def batches(self, dataset: Dataset, seed: int) -> Iterator:
+        epoch = 0
+        while True:
+            order = np.random.default_rng([seed, epoch]).permutation(len(dataset))
+            for i in order:
+                feats, label = dataset[int(i)]
+                yield feats[None], torch.as_tensor(label).reshape(1)  # 1 x N x D, 1
+            epoch += 1
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, dataset: Dataset, cfg: EvalConfig) -> dict[str, float]:
+        from histofed.metrics import classification_metrics
+
+        was_training = model.training
+        model.eval()
+        logits, labels = [], []
+        for i in range(len(dataset)):
+            feats, label = dataset[i]
+            logits.append(self.forward(model, feats[None]))
+            labels.append(int(label))
+        model.train(was_training)
+        all_logits, all_labels = torch.cat(logits), torch.tensor(labels)
+        loss = F.cross_entropy(all_logits, all_labels).item()
+        probs = torch.softmax(all_logits, dim=1).numpy()
+        return {"loss": loss, **classification_metrics(probs, all_labels.numpy())}
+
+
+TASKS: dict[str, type[Task]] = {
+    "segmentation": SegmentationTask,
+    "classification": ClassificationTask,
+    "mil": MILTask,
+}
+
+
+def make_task(kind: str, train_cfg: TrainConfig, num_classes: int, crop_size: int = 128) -> Task:
+    return TASKS[kind](train_cfg=train_cfg, num_classes=num_classes, crop_size=crop_size)
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    return cls(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+
+
+ExtraLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
