@@ -30,3 +30,28 @@ def shared_data() -> Path:
     if root is None:
         pytest.skip("real data not found: set HISTOFED_DATA or place it at ../shared/data")
     return root
+
+
+def tiny_config_dict(method: str = "fedavg", **tables) -> dict:
+    """A seconds-fast segmentation experiment on the synthetic federation (no real data)."""
+    base = {
+        "run": {"name": f"tiny-{method}", "seed": 0, "rounds": 3, "workers": 1},
+        "federation": {"name": "synthetic-nuclei", "num_clients": 3, "images_per_client": 3,
+                       "size": 64, "crop_size": 32, "crops_per_image": 4},
+        "model": {"name": "unet", "channels": [4, 8], "num_res_units": 0},
+        "algorithm": {"name": method},
+        "train": {"local_steps": 2, "batch_size": 4, "lr": 0.01},
+        "eval": {"splits": ["test"]},
+    }
+    for table, values in tables.items():
+        base.setdefault(table, {}).update(values)
+    return base
+
+
+@pytest.fixture
+def tiny_config():
+    """Factory: tiny_config("fedprox", algorithm={"mu": 0.1}, run={"rounds": 2}) -> Config."""
+    from histofed.config import config_from_dict
+
+    return lambda method="fedavg", **tables: config_from_dict(
+        tiny_config_dict(method, **tables), source="tiny")

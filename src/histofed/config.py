@@ -124,7 +124,7 @@ def _typed(table: str, cls: type, raw: dict[str, Any], source: str) -> Any:
             value = float(value)
         elif default is not None and not isinstance(value, type(default)):
             raise ConfigError(
-                f"{source}: [{table}].{key} = {value!r} should be a {type(default).__name__} "
+                f"{source}: [{table}].{key} = {value!r} should be of type {type(default).__name__} "
                 f"(default {default!r})"
             )
         kwargs[key] = value

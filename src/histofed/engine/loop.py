@@ -66,6 +66,16 @@ class Experiment:
         self.rounds = 1 if self.algorithm.one_shot else config.run.rounds
         self.clients = [ClientInfo(i, c.name, c.num_train) for i, c in enumerate(federation.clients)]
         self.names = {c.cid: c.name for c in self.clients} | {POOLED: "pooled"}
+        self.tensorboard = None
+        if config.run.tensorboard:
+            from histofed.engine.tensorboard import TensorBoardLogger
+
+            self.tensorboard = TensorBoardLogger(self.run_dir)
+
+    def _log_metrics(self, rows: list[dict]) -> None:
+        rundir.append_jsonl(self.run_dir / "metrics.jsonl", rows)
+        if self.tensorboard is not None:
+            self.tensorboard.log(rows)
 
     # ---- setup -----------------------------------------------------------------------------
     def server_context(self, rnd: int, clients: list[ClientInfo] | None = None) -> ServerContext:
@@ -93,7 +103,7 @@ class Experiment:
 
     # ---- the loop --------------------------------------------------------------------------
     def run(self, transport: Transport, *, resume: bool = False, engine: str = "inprocess",
-            stop_after: int | None = None) -> Payload:
+            stop_after: int | None = None, header_written: bool = False) -> Payload:
         """Run (or resume) all rounds; returns the final server state.
 
         ``stop_after`` ends the run early after that round (used to test crash + resume).
@@ -107,7 +117,7 @@ class Experiment:
                 start_round = done + 1
                 for name in ("metrics.jsonl", "egress.jsonl"):
                     rundir.truncate_jsonl(self.run_dir / name, done)
-        else:
+        elif not header_written:
             self.write_header(engine)
         if state is None:
             state = self.initial_state()
@@ -169,7 +179,7 @@ class Experiment:
             egress += self._payload_egress(rnd, name, "up", res.payload, "fit")
             lines.append({"round": rnd, "client": name, "split": "train", **res.logs})
         rundir.append_jsonl(self.run_dir / "egress.jsonl", egress)
-        rundir.append_jsonl(self.run_dir / "metrics.jsonl", lines)
+        self._log_metrics(lines)
         if not ok:
             raise RunError(
                 f"round {rnd}: every client failed (see metrics.jsonl events). The checkpoint of "
@@ -192,7 +202,7 @@ class Experiment:
                 lines.append({"round": rnd, "client": name, "split": split, "model": model, **metrics})
                 if split == "test":
                     scores.append(metrics.get("dice", metrics.get("balanced_accuracy", np.nan)))
-        rundir.append_jsonl(self.run_dir / "metrics.jsonl", lines)
+        self._log_metrics(lines)
         rundir.append_jsonl(self.run_dir / "egress.jsonl", egress)
         metric = "dice" if self.federation.task == "segmentation" else "bal.acc"
         return f"test {metric} {np.nanmean(scores):.3f}" if scores else ""

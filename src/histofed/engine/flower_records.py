@@ -1,0 +1,178 @@
+"""histofed objects <-> Flower records (the wire format of the Flower engine).
+
+A :class:`~histofed.algorithms.base.Payload` becomes three records under one prefix::
+
+    <prefix>.arrays   ArrayRecord   name -> array (np.save bytes: dtype and shape kept exactly)
+    <prefix>.scalars  ConfigRecord  scalars Flower can hold as they are (bool/int/float/str and
+                                    non-empty lists of one of those types)
+    <prefix>.meta     ConfigRecord  {"kind": payload kind, "json": JSON of the other scalars
+                                    and of the key order}
+
+so ``records_to_payload(payload_to_records(p))`` gives back the same keys, dtypes, values and
+kind. Client jobs, their results and a node's private state (kept in ``context.state``) use the
+same encoding. No pickles cross the wire.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import numbers
+from typing import Any
+
+import numpy as np
+
+from histofed.algorithms.base import Payload
+from histofed.engine.runtime import ClientJob, JobResult
+
+# Flower >= 1.41: ``flwr.app`` is the public home of the Message API records.
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+JOB = "histofed.job"  # ConfigRecord: kind, cid, round, config-sha
+PAYLOAD = "histofed.payload"  # prefix of the payload records (both directions)
+RESULT = "histofed.result"  # ConfigRecord: kind, cid, seconds, has-state[, error]
+LOGS = "histofed.logs"  # MetricRecord: the client's local training log
+METRICS = "histofed.metrics."  # + "<model>/<split>": MetricRecord
+STATE = "histofed.client-state"  # prefix of the private state inside a node's context.state
+
+_INT64 = (-(2**63), 2**63 - 1)
+_NATIVE = (bool, int, float, str)
+
+
+def config_sha(config_text: str) -> str:
+    """Short fingerprint of a config text (jobs carry it so a node never mixes two runs)."""
+    return hashlib.sha256(config_text.encode()).hexdigest()[:16]
+
+
+# ---- payloads -------------------------------------------------------------------------------
+def _native(value: Any) -> bool:
+    """True when a ConfigRecord holds ``value`` and gives it back with the same Python type."""
+    if isinstance(value, list):
+        return bool(value) and type(value[0]) in _NATIVE and all(
+            type(v) is type(value[0]) and _native(v) for v in value)
+    if type(value) is int:
+        return _INT64[0] <= value <= _INT64[1]
+    return type(value) in _NATIVE
+
+
+def payload_to_records(payload: Payload, prefix: str = PAYLOAD) -> dict[str, Any]:
+    """The three records of ``payload`` (see the module docstring), keyed by record name.
+
+    Raises:
+        TypeError: an array is not a numpy array, or a scalar is not JSON-able.
+    """
+    arrays = ArrayRecord()
+    for name, value in payload.arrays.items():
+        if not isinstance(value, (np.ndarray, np.generic)):
+            raise TypeError(f"payload array {name!r} is a {type(value).__name__}, not a numpy array")
+        if value.dtype == object:
+            raise TypeError(f"payload array {name!r} has dtype object; it cannot be sent")
+        arrays[name] = Array(np.asarray(value))
+    native = {k: v for k, v in payload.scalars.items() if _native(v)}
+    other = {k: v for k, v in payload.scalars.items() if k not in native}
+    try:
+        encoded = json.dumps({"order": list(payload.scalars), "values": other},
+                             separators=(",", ":"))
+    except TypeError as err:
+        raise TypeError(f"payload scalars must be JSON-able: {err}") from None
+    return {
+        f"{prefix}.arrays": arrays,
+        f"{prefix}.scalars": ConfigRecord(native),
+        f"{prefix}.meta": ConfigRecord({"kind": payload.kind, "json": encoded}),
+    }
+
+
+def records_to_payload(records: RecordDict, prefix: str = PAYLOAD) -> Payload:
+    """Inverse of :func:`payload_to_records`; raises KeyError naming a missing record."""
+    try:
+        arrays, scalars, meta = (records[f"{prefix}.{part}"] for part in ("arrays", "scalars", "meta"))
+    except KeyError as err:
+        raise KeyError(f"message has no record {err}; sender and receiver run different "
+                       "histofed versions?") from None
+    out = {name: array.numpy() for name, array in arrays.items()}
+    extra = json.loads(str(meta["json"]))
+    values = {k: (list(v) if isinstance(v, list) else v) for k, v in scalars.items()}
+    values.update(extra["values"])
+    return Payload(out, {k: values[k] for k in extra["order"]}, kind=str(meta["kind"]))
+
+
+def has_payload(records: RecordDict, prefix: str = PAYLOAD) -> bool:
+    return f"{prefix}.meta" in records
+
+
+# ---- jobs and results -----------------------------------------------------------------------
+def job_to_content(job: ClientJob, sha: str) -> RecordDict:
+    """The RecordDict of a job message: the job itself and its payload (never its state)."""
+    content = RecordDict()
+    content[JOB] = ConfigRecord({"kind": job.kind, "cid": int(job.cid), "round": int(job.round),
+                                 "config-sha": sha})
+    for key, record in payload_to_records(job.payload).items():
+        content[key] = record
+    return content
+
+
+def content_to_job(content: RecordDict) -> tuple[ClientJob, str]:
+    """(job without state, config fingerprint) from a job message's content."""
+    info = content[JOB]
+    job = ClientJob(kind=str(info["kind"]), cid=int(info["cid"]), round=int(info["round"]),
+                    payload=records_to_payload(content))
+    return job, str(info["config-sha"])
+
+
+def _metric_record(values: dict[str, Any], what: str) -> MetricRecord:
+    """MetricRecord of numbers; numpy scalars become Python ones, anything else is an error."""
+    out: dict[str, int | float] = {}
+    for key, value in values.items():
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{what} {key!r} = {value!r}: metrics must be numbers")
+        out[key] = int(value) if isinstance(value, numbers.Integral) else float(value)
+    return MetricRecord(out)
+
+
+def result_to_content(result: JobResult, has_state: bool) -> RecordDict:
+    """The RecordDict of a reply: payload (fit), metrics (evaluate), logs, error; never state.
+
+    ``has_state`` tells the server whether this client keeps private state (not what it is),
+    so it can refuse a resume that would silently lose that state.
+    """
+    content = RecordDict()
+    info: dict[str, Any] = {"kind": result.kind, "cid": int(result.cid),
+                            "seconds": float(result.seconds), "has-state": bool(has_state)}
+    if result.error is not None:
+        info["error"] = str(result.error)
+    content[RESULT] = ConfigRecord(info)
+    if result.payload is not None:
+        for key, record in payload_to_records(result.payload).items():
+            content[key] = record
+    content[LOGS] = _metric_record(result.logs, "log")
+    for key, metrics in result.metrics.items():
+        content[METRICS + key] = _metric_record(metrics, f"metric of {key}")
+    return content
+
+
+def content_to_result(content: RecordDict) -> tuple[JobResult, bool]:
+    """(JobResult, client has private state) from a reply's content."""
+    info = content[RESULT]
+    result = JobResult(kind=str(info["kind"]), cid=int(info["cid"]),
+                       seconds=float(info["seconds"]),
+                       error=str(info["error"]) if "error" in info else None)
+    if has_payload(content):
+        result.payload = records_to_payload(content)
+    result.logs = dict(content[LOGS]) if LOGS in content else {}
+    result.metrics = {key[len(METRICS):]: dict(record) for key, record in content.items()
+                      if key.startswith(METRICS)}
+    return result, bool(info["has-state"])
+
+
+# ---- a node's private state -----------------------------------------------------------------
+def load_state(state: RecordDict) -> Payload:
+    """This node's private client state from ``context.state`` (empty at first)."""
+    if not has_payload(state, STATE):
+        return Payload(kind="state")
+    return records_to_payload(state, STATE)
+
+
+def store_state(state: RecordDict, payload: Payload) -> None:
+    """Keep ``payload`` as this node's private client state in ``context.state``."""
+    for key, record in payload_to_records(payload, STATE).items():
+        state[key] = record
