@@ -115,7 +115,7 @@ class Experiment:
                 done, state, saved = rundir.load_checkpoint(ckpts[-1])
                 states.update(saved)
                 start_round = done + 1
-                for name in ("metrics.jsonl", "egress.jsonl"):
+                for name in ("metrics.jsonl", "egress.jsonl", "timing.jsonl"):
                     rundir.truncate_jsonl(self.run_dir / name, done)
         elif not header_written:
             self.write_header(engine)
@@ -125,13 +125,19 @@ class Experiment:
         bar = tqdm(range(start_round, self.rounds + 1), desc=self.config.run.name, unit="round",
                    initial=start_round - 1, total=self.rounds, dynamic_ncols=True)
         for rnd in bar:
+            t_fit = time.perf_counter()
             state = self._fit_round(transport, rnd, state, states)
             last = rnd == self.rounds
+            t_eval = time.perf_counter()
             if last or rnd % self.config.run.eval_every == 0:
                 summary = self._evaluate_round(transport, rnd, state, states)
                 bar.set_postfix_str(summary)
+            t_ckpt = time.perf_counter()
             rundir.save_checkpoint(self.run_dir, rnd, state, states if transport.keeps_state else {},
                                    self.config.run.keep_checkpoints)
+            rundir.append_jsonl(self.run_dir / "timing.jsonl", [{
+                "round": rnd, "fit_seconds": t_eval - t_fit, "eval_seconds": t_ckpt - t_eval,
+                "checkpoint_seconds": time.perf_counter() - t_ckpt, "time": time.time()}])
             if stop_after is not None and rnd >= stop_after and not last:
                 bar.close()
                 return state

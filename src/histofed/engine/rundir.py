@@ -5,6 +5,7 @@
       run.json           name, algorithm, federation, engine, seed, timings
       metrics.jsonl      per round, per client, per split: loss, Dice/... or accuracy/...
       egress.jsonl       per round, per client: bytes up/down and their kind
+      timing.jsonl       per round: seconds spent training, evaluating, checkpointing
       checkpoints/round-NNNN/   server.npz + server.json, clients/<name>.npz + .json
       final/             global.npz (and personal/<client>.npz where a method keeps them)
       report.html, summary.md, plots/
