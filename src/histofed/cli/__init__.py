@@ -14,7 +14,9 @@ for _key, _value in {
 }.items():
     os.environ.setdefault(_key, _value)
 
+from histofed.cli import audit as _audit  # noqa: E402
 from histofed.cli import data as _data  # noqa: E402
+from histofed.cli import privacy as _privacy  # noqa: E402
 from histofed.cli import run as _run  # noqa: E402
 
 app = typer.Typer(
@@ -29,6 +31,8 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(_data.app, name="data")
+app.add_typer(_privacy.app, name="privacy")
+app.add_typer(_audit.app, name="audit")
 _run.register(app)
 
 
