@@ -152,6 +152,11 @@ class Algorithm:
         """The global model to save as final (empty for methods without one)."""
         return state.arrays
 
+    def round_logs(self, sctx: ServerContext, state: Payload) -> dict[str, list[dict[str, Any]]]:
+        """Extra per-round log rows by file stem, e.g. ``{"privacy": [{"round": r, "epsilon": e}]}``
+        is appended to ``privacy.jsonl`` after aggregation (and truncated on resume)."""
+        return {}
+
     def personal_weights(self, state: Payload, client_state: Payload) -> dict[str, np.ndarray]:
         """A client's personalised model, where the method keeps one (empty otherwise)."""
         return {}

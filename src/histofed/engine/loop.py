@@ -115,8 +115,8 @@ class Experiment:
                 done, state, saved = rundir.load_checkpoint(ckpts[-1])
                 states.update(saved)
                 start_round = done + 1
-                for name in ("metrics.jsonl", "egress.jsonl", "timing.jsonl"):
-                    rundir.truncate_jsonl(self.run_dir / name, done)
+                for path in self.run_dir.glob("*.jsonl"):  # metrics, egress, timing, privacy...
+                    rundir.truncate_jsonl(path, done)
         elif not header_written:
             self.write_header(engine)
         if state is None:
@@ -191,7 +191,10 @@ class Experiment:
                 f"round {rnd}: every client failed (see metrics.jsonl events). The checkpoint of "
                 f"round {rnd - 1} is intact: fix the cause (e.g. lower [train].lr) and run "
                 f"`histofed run --resume {self.run_dir}`")
-        return self.algorithm.aggregate(sctx, state, ok)
+        state = self.algorithm.aggregate(sctx, state, ok)
+        for stem, rows in self.algorithm.round_logs(sctx, state).items():
+            rundir.append_jsonl(self.run_dir / f"{stem}.jsonl", rows)
+        return state
 
     def _evaluate_round(self, transport: Transport, rnd: int, state: Payload,
                         states: dict[str, Payload]) -> str:
