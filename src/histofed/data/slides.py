@@ -234,7 +234,7 @@ def tissue_mask(
 class TileSpec:
     """How a ``tile_size`` tile at the requested resolution maps onto the slide.
 
-    ``downsample`` is requested-resolution pixels per level-0 pixel (1 = level-0 pixels);
+    ``downsample`` is level-0 pixels per output pixel (1 = level-0 pixels, 2 = half size);
     pixels are read from ``level`` (the closest finer level) and resized when
     ``read_size != tile_size``.
     """
@@ -276,7 +276,8 @@ def resolve_downsample(
     """
     if magnification is not None and mpp is not None:
         raise ValueError("pass magnification or mpp, not both")
-    for label, value in (("magnification", magnification), ("mpp", mpp), ("assume_mpp", assume_mpp)):
+    named = {"magnification": magnification, "mpp": mpp, "assume_mpp": assume_mpp}
+    for label, value in named.items():
         if value is not None and not value > 0:
             raise ValueError(f"{label} must be > 0, got {value}")
     if magnification is None and mpp is None:
