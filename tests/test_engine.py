@@ -149,3 +149,30 @@ def test_unknown_algorithm_option_suggests():
 
     with pytest.raises(ConfigError, match='Did you mean "mu"'):
         build_algorithm(NamedConfig("fedprox", {"muu": 0.1}))
+
+
+def test_client_without_data_is_a_clear_error():
+    from torch.utils.data import TensorDataset
+
+    from histofed.data.federation import ClientData, Federation
+
+    empty = TensorDataset(torch.zeros(0, 3, 8, 8), torch.zeros(0, dtype=torch.long))
+    full = TensorDataset(torch.zeros(2, 3, 8, 8), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match="client 'b' has no training data"):
+        Federation("f", "classification", [ClientData("a", full, full), ClientData("b", empty, full)], 2)
+
+
+def test_tensorboard_mirror(tiny_config, tmp_path):
+    pytest.importorskip("tensorboard", reason="optional extra histofed[tensorboard] not installed")
+    _, out = _run(tiny_config(run={"rounds": 1, "tensorboard": True}), tmp_path, "tb")
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_demo_pipeline_on_synthetic_data(tmp_path, monkeypatch):
+    from histofed.demo import run_demo
+
+    monkeypatch.delenv("HISTOFED_DATA", raising=False)
+    out = run_demo(data_root=None, out=tmp_path / "demo", rounds=1, workers=2, local_steps=2)
+    table = (out / "compare.md").read_text()
+    for method in ("fedavg", "local", "fedprox", "fedbn"):
+        assert method in table and (out / method / "report.html").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from datetime import datetime
 from importlib import resources
@@ -21,7 +22,8 @@ def demo_config_path() -> Path:
     return Path(str(resources.files("histofed") / "configs" / "demo.toml"))
 
 
-def run_demo(*, data_root: Path | None, out: Path | None, rounds: int | None, workers: int = 0) -> Path:
+def run_demo(*, data_root: Path | None, out: Path | None, rounds: int | None, workers: int = 0,
+             local_steps: int | None = None) -> Path:
     """Run the four methods on one federation (built once) and print the comparison table."""
     from histofed.report import compare_runs, write_report
 
@@ -33,6 +35,8 @@ def run_demo(*, data_root: Path | None, out: Path | None, rounds: int | None, wo
         base = base.replace(federation=NamedConfig("synthetic-nuclei", {"crop_size": 128}))
         root = None
     base = config_with(base, workers=workers, **({"rounds": rounds} if rounds else {}))
+    if local_steps:
+        base = base.replace(train=dataclasses.replace(base.train, local_steps=local_steps))
     federation = load_federation(base, root)
     typer.echo(f"federation {federation.name}: {len(federation.clients)} clients "
                f"({', '.join(federation.client_names)})")

@@ -92,6 +92,7 @@ def register(app: typer.Typer) -> None:
         out: Annotated[Optional[Path], typer.Option(help="Folder for the demo's runs.")] = None,
         rounds: Annotated[Optional[int], typer.Option(help="Rounds per method (default from the demo config).")] = None,
         workers: Annotated[int, typer.Option(help="Clients trained at once (0 = cores).")] = 0,
+        steps: Annotated[Optional[int], typer.Option(help="Local steps per round (default from the demo config).")] = None,
     ) -> None:
         """FedAvg vs local-only vs FedProx vs FedBN on nuclei segmentation, then a comparison table.
 
@@ -101,7 +102,7 @@ def register(app: typer.Typer) -> None:
         """
         from histofed.demo import run_demo
 
-        run_demo(data_root=data_root, out=out, rounds=rounds, workers=workers)
+        run_demo(data_root=data_root, out=out, rounds=rounds, workers=workers, local_steps=steps)
 
     @app.command()
     @friendly_errors
