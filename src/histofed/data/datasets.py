@@ -168,6 +168,7 @@ class SegmentationTiles(Dataset):
         return len(self.images)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x = torch.from_numpy(self.images[i]).permute(2, 0, 1).float() / 255.0
-        y = torch.from_numpy(self.masks[i]).float()[None]
+        # torch.tensor copies, so read-only arrays (e.g. memory-mapped) are fine
+        x = torch.tensor(self.images[i]).permute(2, 0, 1).float() / 255.0
+        y = torch.tensor(self.masks[i]).float()[None]
         return x, y  # 3 x H x W, 1 x H x W
