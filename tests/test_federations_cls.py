@@ -62,7 +62,7 @@ def test_synthetic_bags_contract_and_seed():
 
 
 def test_unknown_and_badly_typed_options():
-    with pytest.raises(ValueError, match=r"unknown option\(s\) \['alpah'\]; valid: num_clients=3"):
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['alpah'\]. Did you mean \"alpha\"\? Valid: num_clients=3"):
         build_federation("synthetic-patches", data_root=None, seed=0, alpah=0.1)
     with pytest.raises(ValueError, match="option num_clients='two' must be a int"):
         build_federation("synthetic-bags", data_root=None, seed=0, num_clients="two")

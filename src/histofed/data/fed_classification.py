@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from histofed.data.bags import BagDataset, Standardizer, read_bag, read_bag_labels
-from histofed.data.federation import ClientData, Federation, register_federation
+from histofed.data.federation import ClientData, Federation, merge_options, register_federation
 from histofed.data.partition import (
     BySourcePartitioner,
     DirichletPartitioner,
@@ -29,36 +29,6 @@ from histofed.data.partition import (
 from histofed.data.patches import CRCHISTO_CLASSES, PatchDataset, patches_by_split, read_crchisto
 from histofed.data.synthetic import synthetic_bags, synthetic_patches
 
-_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
-
-
-def _options(federation: str, given: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
-    """Merge ``given`` into ``defaults``; coerce to the default's type; reject unknown keys."""
-    unknown = sorted(set(given) - set(defaults))
-    if unknown:
-        valid = ", ".join(f"{k}={v!r}" for k, v in defaults.items())
-        raise ValueError(f"federation {federation!r}: unknown option(s) {unknown}; valid: {valid}")
-    out = dict(defaults)
-    for key, value in given.items():
-        kind = type(defaults[key])
-        try:
-            if kind is bool and isinstance(value, str):
-                if value.lower() not in _TRUE | _FALSE:
-                    raise ValueError
-                value = value.lower() in _TRUE
-            elif kind in (int, float) and not isinstance(value, bool):
-                value = kind(value)
-                if kind is int and isinstance(given[key], float) and value != given[key]:
-                    raise ValueError
-            elif kind is not type(None) and not isinstance(value, kind):
-                raise ValueError
-        except (TypeError, ValueError):
-            raise ValueError(
-                f"federation {federation!r}: option {key}={given[key]!r} must be a "
-                f"{kind.__name__} (default {defaults[key]!r})"
-            ) from None
-        out[key] = value
-    return out
 
 
 def _hist(labels: np.ndarray, k: int) -> list[int]:
@@ -85,7 +55,7 @@ def build_crchisto_dirichlet(*, data_root: Path | None, seed: int, **options: An
     Options: num_clients=5, alpha=0.5, patch_size=32, min_size=50 (training patches per
     client), one_based=True (subtract 1 from the MATLAB coordinates), augment=True.
     """
-    opt = _options(
+    opt = merge_options(
         "crchisto-dirichlet",
         options,
         dict(num_clients=5, alpha=0.5, patch_size=32, min_size=50, one_based=True, augment=True),
@@ -215,7 +185,7 @@ def build_slides_bags(*, data_root: Path | None, seed: int, **options: Any) -> F
     num_clients=3 (ignored when the CSV has a ``site`` or ``client`` column: natural split),
     test_fraction=0.3, standardize=False (per-feature, fitted on each client's train bags).
     """
-    opt = _options(
+    opt = merge_options(
         "slides-bags",
         options,
         dict(bags_dir=None, labels_csv=None, num_clients=3, test_fraction=0.3, standardize=False),
@@ -265,7 +235,7 @@ def build_ucsb_breast_bags(*, data_root: Path | None, seed: int, **options: Any)
 
     Options: num_clients=3, test_fraction=0.3, standardize=True.
     """
-    opt = _options(
+    opt = merge_options(
         "ucsb-breast-bags", options, dict(num_clients=3, test_fraction=0.3, standardize=True)
     )
     folder = Path(data_root) / "bags" / "ucsb_breast"
@@ -307,7 +277,7 @@ def build_synthetic_patches(*, data_root: Path | None, seed: int, **options: Any
     Options: num_clients=3, patches_per_client=96, test_per_client=48, alpha=0.5,
     num_classes=4, patch_size=32, min_size=16.
     """
-    opt = _options(
+    opt = merge_options(
         "synthetic-patches",
         options,
         dict(
@@ -368,7 +338,7 @@ def build_synthetic_bags(*, data_root: Path | None, seed: int, **options: Any) -
 
     Options: num_clients=3, bags_per_client=24, dim=64, test_fraction=0.25, pos_fraction=0.5.
     """
-    opt = _options(
+    opt = merge_options(
         "synthetic-bags",
         options,
         dict(num_clients=3, bags_per_client=24, dim=64, test_fraction=0.25, pos_fraction=0.5),

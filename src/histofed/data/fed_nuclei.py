@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from histofed.data.datasets import DEFAULT_CROPS_PER_IMAGE, SegmentationCrops, SegmentationTiles
-from histofed.data.federation import ClientData, Federation, register_federation
+from histofed.data.federation import ClientData, Federation, merge_options, register_federation
 from histofed.data.formats import (
     IMAGE_SUFFIXES,
     DataFormatError,
@@ -58,12 +58,8 @@ _SPLIT_DEFAULTS: dict[str, Any] = {
 
 
 def _options(federation: str, given: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
-    """Merge options into defaults; unknown names and bad split values raise ValueError."""
-    unknown = sorted(set(given) - set(defaults))
-    if unknown:
-        valid = ", ".join(f"{k} (default {v!r})" for k, v in defaults.items())
-        raise ValueError(f"federation {federation!r}: unknown option(s) {unknown}. Valid: {valid}")
-    opts = {**defaults, **given}
+    """Merge options into defaults (merge_options), then check the split values."""
+    opts = merge_options(federation, given, defaults)
     tf, vf = float(opts["test_fraction"]), float(opts["val_fraction"])
     if not 0.0 < tf < 1.0 or not 0.0 <= vf < 1.0 or tf + vf >= 1.0:
         raise ValueError(

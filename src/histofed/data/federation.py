@@ -25,7 +25,10 @@ from typing import Any, Literal
 
 from torch.utils.data import Dataset
 
-from histofed.registry import Registry
+from histofed.registry import Registry, closest
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
 
 Task = Literal["segmentation", "classification", "mil"]
 
@@ -108,3 +111,37 @@ def build_federation(
             "(e.g. ../shared/data), or use the 'synthetic-nuclei' federation"
         )
     return spec.builder(data_root=Path(data_root) if data_root else None, seed=seed, **options)
+
+
+def merge_options(federation: str, given: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """Merge ``given`` into ``defaults``; coerce to the default's type; reject unknown keys.
+
+    Shared by every federation builder so options behave alike (CLI strings are coerced).
+    """
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        valid = ", ".join(f"{k}={v!r}" for k, v in defaults.items())
+        hint = closest(unknown[0], list(defaults))
+        raise ValueError(
+            f"federation {federation!r}: unknown option(s) {unknown}.{hint} Valid: {valid}")
+    out = dict(defaults)
+    for key, value in given.items():
+        kind = type(defaults[key])
+        try:
+            if kind is bool and isinstance(value, str):
+                if value.lower() not in _TRUE | _FALSE:
+                    raise ValueError
+                value = value.lower() in _TRUE
+            elif kind in (int, float) and not isinstance(value, bool):
+                value = kind(value)
+                if kind is int and isinstance(given[key], float) and value != given[key]:
+                    raise ValueError
+            elif kind is not type(None) and not isinstance(value, kind):
+                raise ValueError
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"federation {federation!r}: option {key}={given[key]!r} must be a "
+                f"{kind.__name__} (default {defaults[key]!r})"
+            ) from None
+        out[key] = value
+    return out
