@@ -19,6 +19,7 @@ it checkpoints the same way. Randomness is always derived from (run seed, round,
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -63,7 +64,8 @@ class Payload:
         return not self.arrays and not self.scalars
 
     def copy(self) -> Payload:
-        return Payload({k: v.copy() for k, v in self.arrays.items()}, dict(self.scalars), self.kind)
+        return Payload({k: v.copy() for k, v in self.arrays.items()}, copy.deepcopy(self.scalars),
+                       self.kind)
 
 
 @dataclass

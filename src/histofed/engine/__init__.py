@@ -30,7 +30,8 @@ def run_experiment(config: Config, *, data_root: Path | None, run_dir: Path,
     if config.run.engine == "flower":
         from histofed.engine.flower import run_flower_simulation
 
-        return run_flower_simulation(config, data_root=data_root, run_dir=run_dir, resume=resume)
+        return run_flower_simulation(config, data_root=data_root, run_dir=run_dir, resume=resume,
+                                     stop_after=stop_after)
     from histofed.engine.inprocess import InProcessTransport
     from histofed.engine.loop import Experiment
 

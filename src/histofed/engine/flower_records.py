@@ -18,15 +18,21 @@ from __future__ import annotations
 import hashlib
 import json
 import numbers
+import os
 from typing import Any
 
 import numpy as np
 
-from histofed.algorithms.base import Payload
-from histofed.engine.runtime import ClientJob, JobResult
+# Before flwr is imported (and inherited by Ray workers): no pip installs at run time, no
+# telemetry, no update check. The user's own settings win.
+for _key, _value in (("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1"),
+                     ("FLWR_TELEMETRY_ENABLED", "0"), ("FLWR_DISABLE_UPDATE_CHECK", "1")):
+    os.environ.setdefault(_key, _value)
 
-# Flower >= 1.41: ``flwr.app`` is the public home of the Message API records.
-from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict  # noqa: E402
+
+from histofed.algorithms.base import Payload  # noqa: E402
+from histofed.engine.runtime import ClientJob, JobResult  # noqa: E402
 
 JOB = "histofed.job"  # ConfigRecord: kind, cid, round, config-sha
 PAYLOAD = "histofed.payload"  # prefix of the payload records (both directions)

@@ -142,14 +142,16 @@ class Experiment:
                 bar.close()
                 return state
         bar.close()
-        self._save_final(state, states)
+        self._save_final(state, states if transport.keeps_state else {})
         self._write_run_json(finished=time.time(), wall_seconds_last_session=time.time() - t0,
                              engine=engine)
         return state
 
     def _jobs(self, kind: str, rnd: int, payloads: dict[int, Payload],
               states: dict[str, Payload], keeps_state: bool) -> list[ClientJob]:
-        return [ClientJob(kind, cid, rnd, p, states.get(self.names[cid]) if keeps_state else None,
+        # a copy, so a job cannot change the stored state in place (same with 1 or N workers)
+        return [ClientJob(kind, cid, rnd, p,
+                          states[self.names[cid]].copy() if keeps_state and cid != POOLED else None,
                           cost=float(self.runtime.client_data(cid).num_train) if cid != POOLED else 0)
                 for cid, p in sorted(payloads.items())]
 

@@ -6,7 +6,6 @@ keeps these local), "group" (FedSODA's reference code; also what DP-SGD needs), 
 
 from __future__ import annotations
 
-from monai.networks.nets import UNet
 from torch import nn
 
 from histofed.config import ConfigError
@@ -37,6 +36,8 @@ def build_unet(
     if len(channels) < 2:
         raise ConfigError("[model].channels needs at least two levels, e.g. [16, 32, 64, 128]")
     strides = tuple(strides) if strides else (2,) * (len(channels) - 1)
+    from monai.networks.nets import UNet  # imported here: MONAI takes seconds to import
+
     return UNet(spatial_dims=2, in_channels=in_channels, out_channels=num_classes,
                 channels=channels, strides=strides, num_res_units=num_res_units,
                 norm=_NORMS[norm], dropout=dropout)

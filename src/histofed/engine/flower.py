@@ -1,0 +1,458 @@
+"""The Flower engine: histofed's round loop and algorithms on Flower's Message API.
+
+The same objects run in Flower's simulation (Ray) and in a deployment (SuperLink + one
+SuperNode per hospital; see deploy/flower-app)::
+
+    ServerApp  server_app  Experiment.run(FlowerTransport(grid, ...))     -- histofed's loop
+    ClientApp  client_app  query: handshake; train/evaluate: ClientRuntime.run(job)
+
+Wire protocol (records: see flower_records.py):
+
+1. handshake, once: a "query" message to every node carries the run's config (TOML text) and
+   data root; each node answers with its ``partition-id`` (node config). Client ``cid`` always
+   runs on the node whose partition-id is ``cid``, because its private state lives there.
+2. per job: a "train" (fit) or "evaluate" message carries the job (kind, cid, round, config
+   fingerprint) and the payload; the reply carries the result payload or metrics, the local
+   training log and an error string, if any.
+
+A client's private state (``ClientContext.state``: FedBN's norm layers, personal models, ...)
+is kept in the node's ``context.state`` and never travels. Only state left by fit jobs is kept,
+as in the in-process engine. Randomness comes from (seed, round, client) only, so a run gives
+the same numbers as the in-process engine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# flower_records first: it sets the FLWR_* environment defaults before flwr is imported.
+from histofed.engine import flower_records as rec  # isort: skip
+
+import torch  # noqa: E402
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict  # noqa: E402
+from flwr.clientapp import ClientApp  # noqa: E402
+from flwr.serverapp import Grid, ServerApp  # noqa: E402
+
+from histofed.algorithms import ALGORITHMS  # noqa: E402
+from histofed.algorithms.base import Payload  # noqa: E402
+from histofed.config import Config, ConfigError, config_from_dict, dump_toml  # noqa: E402
+from histofed.data.federation import Federation, build_federation  # noqa: E402
+from histofed.engine import rundir  # noqa: E402
+from histofed.engine.loop import Experiment, RunError, config_with  # noqa: E402
+from histofed.engine.runtime import POOLED, ClientJob, ClientRuntime, JobResult  # noqa: E402
+
+RUN = "histofed.run"  # ConfigRecord of the handshake (and of a node's run info in context.state)
+MARKER = "flower.json"  # run_dir file: which clients kept private state on their nodes
+_MESSAGE_TYPE = {"fit": MessageType.TRAIN, "evaluate": MessageType.EVALUATE}
+
+
+# ---- shared by both sides ----------------------------------------------------------------------
+def parse_config(config_text: str, source: str = "histofed-config") -> Config:
+    """A Config from TOML text (as written to config.toml and sent in the handshake)."""
+    try:
+        return config_from_dict(tomllib.loads(config_text), source=source)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{source}: not valid TOML: {err}") from None
+
+
+_FEDERATIONS: dict[tuple[str, str], Federation] = {}
+_RUNTIMES: dict[tuple[str, str], ClientRuntime] = {}
+
+
+def cached_federation(config: Config, data_root: str) -> Federation:
+    """The run's federation, built once per process (one entry: a process serves one run)."""
+    fed = config.federation
+    key = (json.dumps([fed.name, fed.options, config.run.seed], sort_keys=True), data_root)
+    if key not in _FEDERATIONS:
+        _FEDERATIONS.clear()
+        _FEDERATIONS[key] = build_federation(
+            config.federation.name, data_root=Path(data_root) if data_root else None,
+            seed=config.run.seed, **config.federation.options)
+    return _FEDERATIONS[key]
+
+
+def check_flower_supported(config: Config) -> None:
+    """Raise ConfigError for methods that cannot run on Flower nodes."""
+    if ALGORITHMS.get(config.algorithm.name).pooled:
+        raise ConfigError(
+            f"algorithm {config.algorithm.name!r} pools every client's data in one place, which "
+            "Flower nodes cannot do; run it with [run].engine = \"inprocess\"")
+
+
+# ---- server side -----------------------------------------------------------------------------
+class FlowerTransport:
+    """Runs client jobs on Flower nodes through a Grid (simulation or deployment).
+
+    Args:
+        grid: the ServerApp's Grid.
+        client_names: the federation's clients; client ``cid`` runs on the node whose
+            ``partition-id`` is ``cid``.
+        config_text: the run's config as TOML text (sent to every node in the handshake).
+        data_root: data root the nodes use unless their node config sets ``data-root``.
+        run_dir: where to note (in ``flower.json``) which clients keep private state, so a
+            later resume can refuse to lose it; None to skip.
+        node_wait: seconds to wait for enough nodes to connect.
+        timeout: seconds to wait for the replies of one batch of jobs (None: no limit).
+
+    Raises:
+        RunError: too few nodes, a node without a usable partition-id, two nodes with the same
+            one, or a node that fails the handshake (e.g. it cannot read its data).
+    """
+
+    keeps_state = False  # private client state stays on the nodes
+
+    def __init__(self, grid: Grid, client_names: list[str], *, config_text: str,
+                 data_root: str | Path | None = None, run_dir: Path | None = None,
+                 node_wait: float = 300.0, timeout: float | None = None) -> None:
+        self.grid = grid
+        self.names = list(client_names)
+        self.config_text = config_text
+        self.sha = rec.config_sha(config_text)
+        self.data_root = str(data_root) if data_root else ""
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.timeout = timeout or None
+        self.with_state: set[str] = set()
+        self.node_of: dict[int, int] = self._handshake(node_wait)  # cid -> node id
+
+    # -- handshake
+    def _wait_for_nodes(self, node_wait: float) -> list[int]:
+        deadline = time.monotonic() + node_wait
+        while True:
+            nodes = sorted(self.grid.get_node_ids())
+            if len(nodes) >= len(self.names) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        if len(nodes) < len(self.names):
+            raise RunError(
+                f"only {len(nodes)} of {len(self.names)} Flower nodes connected within "
+                f"{node_wait:.0f} s; start one SuperNode per client with --node-config "
+                f"\"partition-id=K\" (K = 0..{len(self.names) - 1}; clients: {self.names})")
+        return nodes
+
+    def _handshake(self, node_wait: float) -> dict[int, int]:
+        nodes = self._wait_for_nodes(node_wait)
+        messages = []
+        for node in nodes:
+            content = RecordDict()
+            content[RUN] = ConfigRecord({"config": self.config_text, "config-sha": self.sha,
+                                         "data-root": self.data_root})
+            messages.append(Message(content, dst_node_id=node, message_type=MessageType.QUERY))
+        replies = self._exchange(messages, {n: f"node {n}" for n in nodes}, "handshake")
+        node_of: dict[int, int] = {}
+        for node in nodes:
+            pid = int(replies[node].content[RUN]["partition-id"])
+            if pid in node_of:
+                raise RunError(f"Flower nodes {node_of[pid]} and {node} both have partition-id "
+                               f"{pid}; give every SuperNode its own --node-config partition-id")
+            node_of[pid] = node
+        missing = [f"{cid} ({name})" for cid, name in enumerate(self.names) if cid not in node_of]
+        if missing:
+            raise RunError(f"no Flower node has partition-id {', '.join(missing)}; node "
+                           f"partition-ids: {sorted(node_of)}")
+        return {cid: node_of[cid] for cid in range(len(self.names))}
+
+    # -- jobs
+    def run(self, jobs: list[ClientJob], desc: str = "clients") -> list[JobResult]:
+        """Send one message per job, wait for every reply; results in job order."""
+        messages, labels = [], {}
+        for job in jobs:
+            if job.cid == POOLED or job.cid not in self.node_of:
+                raise RunError(f"{desc}: no Flower node runs client {job.cid}")
+            node = self.node_of[job.cid]
+            labels[node] = f"client {self.names[job.cid]!r} (node {node})"
+            messages.append(Message(rec.job_to_content(job, self.sha), dst_node_id=node,
+                                    message_type=_MESSAGE_TYPE[job.kind], group_id=str(job.round)))
+        replies = self._exchange(messages, labels, desc)
+        results = []
+        for job in jobs:
+            result, has_state = rec.content_to_result(replies[self.node_of[job.cid]].content)
+            if (result.cid, result.kind) != (job.cid, job.kind):
+                raise RunError(f"{desc}: node {self.node_of[job.cid]} answered for client "
+                               f"{result.cid} ({result.kind}) instead of {job.cid} ({job.kind})")
+            if has_state:
+                self._note_state(self.names[job.cid])
+            results.append(result)
+        return results
+
+    def _exchange(self, messages: list[Message], labels: dict[int, str],
+                  desc: str) -> dict[int, Message]:
+        """send_and_receive; replies by node id. Flower errors and missing replies -> RunError."""
+        replies = {m.metadata.src_node_id: m
+                   for m in self.grid.send_and_receive(messages, timeout=self.timeout)}
+        missing = [labels[m.metadata.dst_node_id] for m in messages
+                   if m.metadata.dst_node_id not in replies]
+        if missing:
+            raise RunError(f"{desc}: no reply from {', '.join(missing)} within {self.timeout} s "
+                           "(round-timeout); the last checkpoint is intact, resume once the "
+                           "nodes are back")
+        for node, reply in replies.items():
+            if reply.has_error():
+                reason = reply.error.reason
+                raise RunError(f"{desc}: {labels.get(node, f'node {node}')} failed: "
+                               f"{_summary(reason)}\n\nFlower error (code {reply.error.code}):\n"
+                               f"{reason}")
+        return replies
+
+    def _note_state(self, name: str) -> None:
+        if name in self.with_state:
+            return
+        self.with_state.add(name)
+        if self.run_dir is not None:
+            rundir.atomic_write_text(self.run_dir / MARKER, json.dumps(
+                {"clients_with_private_state": sorted(self.with_state)}, indent=2))
+
+    def close(self) -> None:
+        """Nothing to release: the Grid belongs to the ServerApp."""
+
+
+def _summary(reason: str) -> str:
+    """The ClientApp's own error message out of a Flower error reason (which wraps it in
+    "...ClientAppException occurred. Message: <msg>'>" and, under Ray, a remote traceback)."""
+    text = reason.rsplit("Message: ", 1)[-1] if "Message: " in reason else reason
+    lines = [line.strip() for line in text.strip().removesuffix("'>").splitlines() if line.strip()]
+    return lines[-1] if lines else reason
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What the ServerApp reads from ``context.run_config`` (kebab-case keys).
+
+    Keys: ``histofed-config-file`` (path to an experiment TOML; wins when set) or
+    ``histofed-config`` (the TOML text itself); a resume always uses the run's own
+    config.toml. ``run-dir`` ("" = runs/<date>-<time>-<name> under the ServerApp's working
+    directory), ``data-root`` ("" = none; a SuperNode's own ``data-root`` node config wins),
+    ``resume`` (bool), ``node-wait`` (seconds to wait for the SuperNodes), ``round-timeout``
+    (seconds to wait for one batch of replies, 0 = no limit), ``stop-after`` (end after this
+    round, 0 = run all; used to test resume).
+    """
+
+    config_text: str
+    run_dir: Path | None = None
+    data_root: str = ""
+    resume: bool = False
+    node_wait: float = 300.0
+    round_timeout: float = 0.0
+    stop_after: int = 0
+
+    @classmethod
+    def from_run_config(cls, run_config: dict[str, Any]) -> RunSpec:
+        """Parse and validate a Flower run config.
+
+        Raises:
+            ConfigError: no experiment config, a missing config file, bad TOML, a resume
+                without run-dir.
+        """
+        path = str(run_config.get("histofed-config-file", ""))
+        run_dir = str(run_config.get("run-dir", ""))
+        resume = bool(run_config.get("resume", False))
+        if resume:  # continue with the config the run was started with
+            saved = Path(run_dir) / "config.toml" if run_dir else None
+            if saved is None or not saved.is_file():
+                raise ConfigError(f"resume = true needs run-dir = a histofed run directory (with "
+                                  f"config.toml); got {run_dir!r}")
+            text = dump_toml(parse_config(saved.read_text(), source=str(saved)).to_dict())
+            if path and dump_toml(parse_config(Path(path).read_text(), path).to_dict()) != text:
+                raise ConfigError(f"{path} differs from {saved}; a resumed run keeps its config "
+                                  "(leave histofed-config-file empty to resume)")
+        elif path:
+            if not Path(path).is_file():
+                raise ConfigError(f"histofed-config-file {path} does not exist; give an absolute "
+                                  "path on the machine that runs the ServerApp")
+            text = Path(path).read_text()
+        else:
+            text = str(run_config.get("histofed-config", ""))
+            if not text.strip():
+                raise ConfigError("the Flower run config needs histofed-config-file (path) or "
+                                  "histofed-config (TOML text), e.g. flwr run --run-config "
+                                  "\"histofed-config-file='/abs/path/experiment.toml'\"")
+        config = parse_config(text, source=path or "histofed-config")
+        return cls(config_text=dump_toml(config.to_dict()),
+                   run_dir=Path(run_dir) if run_dir else None,
+                   data_root=str(run_config.get("data-root", "")), resume=resume,
+                   node_wait=float(run_config.get("node-wait", 300.0)),
+                   round_timeout=float(run_config.get("round-timeout", 0.0)),
+                   stop_after=int(run_config.get("stop-after", 0)))
+
+    def to_run_config(self) -> dict[str, Any]:
+        return {"histofed-config": self.config_text, "histofed-config-file": "",
+                "run-dir": str(self.run_dir or ""), "data-root": self.data_root,
+                "resume": self.resume, "node-wait": self.node_wait,
+                "round-timeout": self.round_timeout, "stop-after": self.stop_after}
+
+
+def prepare_run_dir(run_dir: Path | None, config: Config, *, resume: bool) -> Path:
+    """A new run gets a fresh directory; a resume must not lose private client state.
+
+    Raises:
+        RunDirError: a new run into a non-empty directory.
+        RunError: the run's clients keep private state that Flower cannot restore.
+    """
+    if not resume:
+        return rundir.new_run_dir(run_dir, config.run.name)
+    assert run_dir is not None
+    marker = run_dir / MARKER
+    kept = json.loads(marker.read_text())["clients_with_private_state"] if marker.exists() else []
+    ckpts = rundir.list_checkpoints(run_dir)
+    if ckpts and (ckpts[-1] / "clients").exists():
+        kept += [p.stem for p in (ckpts[-1] / "clients").glob("*.npz")
+                 if not rundir.load_payload(p.with_suffix("")).is_empty()]
+    if ckpts and kept:
+        raise RunError(
+            f"{run_dir}: cannot resume on Flower: algorithm {config.algorithm.name!r} keeps private "
+            f"state on the clients ({', '.join(sorted(set(kept)))}; e.g. FedBN's norm layers or "
+            "personal models) and Flower nodes do not restore it after a restart, so resuming "
+            "would silently reset it. Start a new run, or run this method with the in-process "
+            "engine (its checkpoints hold client state). Resume on Flower works for methods "
+            "without client state (e.g. fedavg, fedprox).")
+    return run_dir
+
+
+def serve(grid: Grid, spec: RunSpec) -> Payload:
+    """The ServerApp's work: one Experiment run over the Grid's nodes; the final server state."""
+    config = config_with(parse_config(spec.config_text), engine="flower")  # as config.toml says
+    spec = dataclasses.replace(spec, config_text=dump_toml(config.to_dict()))
+    check_flower_supported(config)
+    run_dir = prepare_run_dir(spec.run_dir, config, resume=spec.resume)
+    federation = cached_federation(config, spec.data_root)
+    experiment = Experiment(config, federation, run_dir)
+    if not spec.resume:
+        experiment.write_header("flower")
+        experiment._write_run_json(data_root=spec.data_root or None)
+    transport = FlowerTransport(
+        grid, federation.client_names, config_text=spec.config_text, data_root=spec.data_root,
+        run_dir=run_dir, node_wait=spec.node_wait, timeout=spec.round_timeout or None)
+    try:
+        return experiment.run(transport, resume=spec.resume, engine="flower",
+                              stop_after=spec.stop_after or None, header_written=True)
+    finally:
+        transport.close()
+
+
+server_app = ServerApp()
+
+
+@server_app.main()
+def server_main(grid: Grid, context: Context) -> None:
+    """Flower entry point: read the run config and run the experiment (see :class:`RunSpec`)."""
+    serve(grid, RunSpec.from_run_config(dict(context.run_config)))
+
+
+# ---- client side -----------------------------------------------------------------------------
+def client_runtime(config_text: str, data_root: str) -> ClientRuntime:
+    """This process's ClientRuntime for a run, built once (one torch thread per process)."""
+    key = (config_text, data_root)
+    if key not in _RUNTIMES:
+        torch.set_num_threads(1)
+        _RUNTIMES.clear()
+        config = parse_config(config_text)
+        _RUNTIMES[key] = ClientRuntime(config, cached_federation(config, data_root))
+    return _RUNTIMES[key]
+
+
+client_app = ClientApp()
+
+
+@client_app.query()
+def client_handshake(msg: Message, context: Context) -> Message:
+    """Learn the run (config, data root), answer with this node's partition-id."""
+    pid = context.node_config.get("partition-id")
+    if pid is None or not str(pid).lstrip("-").isdigit():
+        raise ValueError(f"this SuperNode's node config has partition-id={pid!r}; start it with "
+                         "--node-config \"partition-id=K\" (K = the client's index, 0-based)")
+    run = msg.content[RUN]
+    data_root = str(context.node_config.get("data-root", "") or run["data-root"])
+    context.state[RUN] = ConfigRecord({"config": str(run["config"]),
+                                       "config-sha": str(run["config-sha"]),
+                                       "data-root": data_root, "cid": int(pid)})
+    client_runtime(str(run["config"]), data_root)  # data problems surface now, named by node
+    reply = RecordDict()
+    reply[RUN] = ConfigRecord({"partition-id": int(pid)})
+    return Message(reply, reply_to=msg)
+
+
+def _run_job(msg: Message, context: Context) -> Message:
+    if RUN not in context.state:
+        raise RuntimeError("this node got a job before the handshake (was the SuperNode "
+                           "restarted mid-run?); resume the run from its last checkpoint")
+    run = context.state[RUN]
+    job, sha = rec.content_to_job(msg.content)
+    if sha != run["config-sha"] or job.cid != run["cid"]:
+        raise RuntimeError(f"job for client {job.cid} (config {sha}) sent to the node of client "
+                           f"{run['cid']} (config {run['config-sha']})")
+    if _MESSAGE_TYPE[job.kind] != msg.metadata.message_type:
+        raise RuntimeError(f"{job.kind} job in a {msg.metadata.message_type!r} message")
+    job.state = rec.load_state(context.state)
+    result = client_runtime(str(run["config"]), str(run["data-root"])).run(job)
+    state = result.state if result.state is not None else job.state
+    if job.kind == "fit":  # as in-process: only fit jobs update a client's state
+        rec.store_state(context.state, state)
+    kept = rec.load_state(context.state)
+    return Message(rec.result_to_content(result, has_state=not kept.is_empty()), reply_to=msg)
+
+
+@client_app.train()
+def client_train(msg: Message, context: Context) -> Message:
+    """Run a fit job with this node's private state; keep the new state here."""
+    return _run_job(msg, context)
+
+
+@client_app.evaluate()
+def client_evaluate(msg: Message, context: Context) -> Message:
+    """Run an evaluate job (its state changes are dropped, as in-process)."""
+    return _run_job(msg, context)
+
+
+# ---- simulation ------------------------------------------------------------------------------
+def simulation_backend(num_actors: int) -> dict[str, Any]:
+    """Ray backend config: ``num_actors`` ClientApp actors of 1 CPU each, no GPU."""
+    return {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            "init_args": {"num_cpus": int(num_actors), "num_gpus": 0}}
+
+
+def run_flower_simulation(config: Config, *, data_root: Path | str | None, run_dir: Path | str,
+                          num_cpus: int | None = None, resume: bool = False,
+                          stop_after: int | None = None) -> Payload:
+    """Run ``config`` with Flower's simulation runtime; returns the final server state.
+
+    One virtual SuperNode per client; at most ``num_cpus`` (default ``[run].workers``, 0 = all
+    cores) ClientApp actors of one CPU each run at once. The run directory is written exactly
+    as by the in-process engine (config.toml, run.json, metrics.jsonl, egress.jsonl,
+    checkpoints, final/), plus ``flower.json`` when clients keep private state on their nodes.
+
+    Raises:
+        ConfigError: a method that cannot run on Flower (the pooled baseline).
+        RunError: resume of a run whose clients keep private state (Flower cannot restore it),
+            or a client failure (names the client and its node).
+    """
+    from flwr.simulation.run_simulation import _run_simulation
+    from flwr.supercore.telemetry import EventType
+
+    from histofed.engine.inprocess import default_workers
+
+    check_flower_supported(config)
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # no GPU-env FutureWarning
+    run_dir = Path(run_dir)
+    spec = RunSpec(config_text=dump_toml(config.to_dict()), run_dir=run_dir,
+                   data_root=str(data_root) if data_root else "", resume=resume,
+                   stop_after=stop_after or 0, node_wait=60.0)
+    prepare_run_dir(run_dir, config, resume=resume)  # fail before Ray starts
+    n_clients = len(cached_federation(config, spec.data_root).clients)
+    actors = max(1, min(num_cpus or config.run.workers or default_workers(), n_clients))
+    context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(),
+                      run_config=spec.to_run_config())
+    # The public run_simulation() gives the ServerApp an empty run_config; its private twin
+    # takes the ServerApp's Context (flwr is pinned < 1.43 in pyproject.toml).
+    _run_simulation(num_supernodes=n_clients, exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+                    client_app=client_app, server_app=server_app,
+                    backend_config=simulation_backend(actors), server_app_context=context)
+    ckpts = rundir.list_checkpoints(run_dir)
+    if not ckpts:
+        raise RunError(f"{run_dir}: the Flower simulation ended without a checkpoint")
+    return rundir.load_checkpoint(ckpts[-1])[1]
