@@ -7,12 +7,13 @@ from histofed.algorithms.centralized import Centralized
 from histofed.algorithms.fedavg import FedAvg
 from histofed.algorithms.fedbn import FedBN
 from histofed.algorithms.fedprox import FedProx
+from histofed.algorithms.fedsoda import FedSODA
 from histofed.algorithms.local import LocalOnly
 from histofed.config import NamedConfig
 from histofed.registry import Registry
 
 ALGORITHMS: Registry[type[Algorithm]] = Registry("algorithm")
-for _cls in (FedAvg, FedProx, FedBN, LocalOnly, Centralized):
+for _cls in (FedAvg, FedProx, FedBN, LocalOnly, Centralized, FedSODA):
     ALGORITHMS.add(_cls.name, _cls)
 
 

@@ -47,8 +47,10 @@ class InProcessTransport:
         self.workers = max(1, min(workers or default_workers(), len(federation.clients)))
         self._pool: ProcessPoolExecutor | None = None
         self._local: ClientRuntime | None = None
+        # The server side (aggregation, FedSODA's cross-assessment) also uses one thread: the
+        # same float results whatever the number of workers, and no oversubscribed cores.
+        torch.set_num_threads(1)
         if self.workers == 1:
-            torch.set_num_threads(1)
             self._local = ClientRuntime(config, federation)
         else:
             self._pool = ProcessPoolExecutor(

@@ -6,11 +6,16 @@ keeps these local), "group" (FedSODA's reference code; also what DP-SGD needs), 
 
 from __future__ import annotations
 
+import math
+
 from torch import nn
 
 from histofed.config import ConfigError
 
-_NORMS = {"batch": "batch", "instance": "instance", "group": ("group", {"num_groups": 8})}
+# "group": built with 1 group (valid for any width, including MONAI's 1-channel output
+# unit), then every GroupNorm gets gcd(8, C) groups, i.e. 8 wherever C allows.
+_NORMS = {"batch": "batch", "instance": "instance", "group": ("group", {"num_groups": 1})}
+_GROUPS = 8
 
 
 def build_unet(
@@ -38,6 +43,19 @@ def build_unet(
     strides = tuple(strides) if strides else (2,) * (len(channels) - 1)
     from monai.networks.nets import UNet  # imported here: MONAI takes seconds to import
 
-    return UNet(spatial_dims=2, in_channels=in_channels, out_channels=num_classes,
-                channels=channels, strides=strides, num_res_units=num_res_units,
-                norm=_NORMS[norm], dropout=dropout)
+    net = UNet(spatial_dims=2, in_channels=in_channels, out_channels=num_classes,
+               channels=channels, strides=strides, num_res_units=num_res_units,
+               norm=_NORMS[norm], dropout=dropout)
+    if norm == "group":
+        _regroup(net)
+    return net
+
+
+def _regroup(net: nn.Module) -> None:
+    """Replace each GroupNorm(1, C) by GroupNorm(gcd(8, C), C) in place."""
+    for parent in net.modules():
+        for name, child in parent.named_children():
+            if isinstance(child, nn.GroupNorm):
+                groups = math.gcd(_GROUPS, child.num_channels)
+                setattr(parent, name, nn.GroupNorm(groups, child.num_channels, eps=child.eps,
+                                                   affine=child.affine))
