@@ -228,8 +228,17 @@ def _privacy(run: Run, plots: Path) -> list[Block]:
     lines_plot(plots / "privacy_epsilon.png", curves, title="Privacy budget spent (epsilon)",
                ylabel="epsilon", lw=2.0)
     rows = [[label, str(max(c)), _fmt(c[max(c)], 3)] for label, c in curves.items()]
-    return [("p", PRIVACY_NOTE), ("img", "plots/privacy_epsilon.png", "epsilon vs round"),
-            ("table", ["accountant", "last round", "epsilon"], rows)]
+    blocks: list[Block] = [("p", PRIVACY_NOTE)]
+    last = run.privacy[-1]
+    settings = [[key, str(last[key])] for key in _PRIVACY_SETTINGS if key in last]
+    if settings:  # the mechanism and its parameters, as the last round logged them
+        blocks.append(("table", ["setting", "value"], settings))
+    return blocks + [("img", "plots/privacy_epsilon.png", "epsilon vs round"),
+                     ("table", ["accountant", "last round", "epsilon"], rows)]
+
+
+_PRIVACY_SETTINGS = ("mechanism", "level", "noise", "clip", "sigma", "q", "expected_clients",
+                     "participants", "delta", "accountant", "epsilon_exact")
 
 
 def _run_info(run: Run) -> list[Block]:

@@ -27,5 +27,8 @@ def build_algorithm(cfg: NamedConfig) -> Algorithm:
     return ALGORITHMS.get(cfg.name).from_options(**cfg.options)
 
 
+from histofed.algorithms import feddp as _feddp  # noqa: E402,F401  (registers "feddp")
+
+
 __all__ = ["ALGORITHMS", "Algorithm", "ClientContext", "Payload", "ServerContext",
            "build_algorithm", "register_algorithm"]

@@ -108,6 +108,7 @@ class ServerContext:
     seed: int
     clients: list[ClientInfo]
     build_model: Callable[[int | None], torch.nn.Module]  # cid -> that client's architecture
+    rounds: int = 0  # planned number of rounds of the run (0 = unknown)
 
     def numpy_rng(self, offset: int = 0) -> np.random.Generator:
         return np.random.default_rng([self.seed, self.round, offset])

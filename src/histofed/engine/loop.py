@@ -80,7 +80,7 @@ class Experiment:
     # ---- setup -----------------------------------------------------------------------------
     def server_context(self, rnd: int, clients: list[ClientInfo] | None = None) -> ServerContext:
         return ServerContext(round=rnd, seed=self.config.run.seed, clients=clients or self.clients,
-                             build_model=self.runtime.build_model)
+                             build_model=self.runtime.build_model, rounds=self.rounds)
 
     def initial_state(self) -> Payload:
         torch.manual_seed(self.config.run.seed)
@@ -162,6 +162,8 @@ class Experiment:
             participants = [ClientInfo(POOLED, "pooled", sum(c.num_train for c in self.clients))]
         sctx = self.server_context(rnd, participants)
         payloads = self.algorithm.configure_fit(sctx, state)
+        if not payloads:  # e.g. Poisson client sampling picked nobody: aggregate nothing
+            return self._aggregate(sctx, state, {})
         results = transport.run(self._jobs("fit", rnd, payloads, states, transport.keeps_state),
                                 desc=f"round {rnd} fit")
         egress, lines, ok = [], [], {}
@@ -193,6 +195,9 @@ class Experiment:
                 f"round {rnd}: every client failed (see metrics.jsonl events). The checkpoint of "
                 f"round {rnd - 1} is intact: fix the cause (e.g. lower [train].lr) and run "
                 f"`histofed run --resume {self.run_dir}`")
+        return self._aggregate(sctx, state, ok)
+
+    def _aggregate(self, sctx: ServerContext, state: Payload, ok: dict[int, Payload]) -> Payload:
         state = self.algorithm.aggregate(sctx, state, ok)
         for stem, rows in self.algorithm.round_logs(sctx, state).items():
             rundir.append_jsonl(self.run_dir / f"{stem}.jsonl", rows)
