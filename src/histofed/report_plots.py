@@ -9,15 +9,14 @@ to a temporary file beside the target, then ``os.replace``.
 from __future__ import annotations
 
 import html
-import os
 import re
-import threading
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
 
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+
+from histofed.atomic import atomic_path, atomic_write_text
 
 Series = Mapping[int, float]  # round -> value
 Block = tuple
@@ -26,25 +25,7 @@ DPI = 110
 MARKERS_UP_TO = 30  # draw point markers when a series has at most this many rounds
 
 
-@contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; move it into place only if the block succeeds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # not mkstemp: its 0600 mode would make reports unreadable to others; pid+thread is unique
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_text(path: Path, text: str) -> Path:
-    """Write ``text`` (UTF-8) to ``path`` atomically and return ``path``."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-    return path
+write_text = atomic_write_text  # used by report.py
 
 
 def _save(fig: Figure, path: Path) -> Path:

@@ -4,32 +4,20 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 
+from histofed.atomic import atomic_path
 from histofed.cli.errors import friendly_errors
-
-
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
 
 
 def _atomic_write(path: Path, write: Any, suffix: str) -> None:
     """Call ``write(tmp_path)`` then rename onto ``path`` (no half-written file on a crash)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        write(str(tmp))
 
 
 def random_encoder(seed: int = 0, checkpoint: Path | None = None) -> Any:

@@ -6,14 +6,13 @@ sub-folders are sources (e.g. ``shared/data/nuclei``).
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
 import typer
 
+from histofed.atomic import atomic_path
 from histofed.data.formats import LAYOUT_HELP, DataFormatError, Source, is_source_dir, read_source
 
 UNDERSTOOD = (
@@ -152,15 +151,11 @@ def contact_sheet(sources: list[Source], out_file: Path, *, per_source: int = 6)
             )
     fig.suptitle("histofed data inspect (yellow = mask outlines)", fontsize=9)
     fig.tight_layout()
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_file.parent, suffix=".tmp.png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=100, format="png")
-        os.replace(tmp, out_file)
+        with atomic_path(out_file) as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
     return out_file
 
 

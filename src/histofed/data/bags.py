@@ -16,8 +16,6 @@ Example:
 from __future__ import annotations
 
 import csv
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from histofed.atomic import atomic_path
 from histofed.data.formats import DataFormatError
 
 FEATURE_KEYS: tuple[str, ...] = ("features", "feats")
@@ -96,20 +95,12 @@ def write_bag(
         coords = np.asarray(coords, dtype=np.int64)
         if coords.shape != (len(features), 2):
             raise ValueError(f"coords must be {len(features)} x 2, got {coords.shape}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("features", data=features)
-            if coords is not None:
-                f.create_dataset("coords", data=coords)
-            for k, v in (attrs or {}).items():
-                f.attrs[k] = v
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        f.create_dataset("features", data=features)
+        if coords is not None:
+            f.create_dataset("coords", data=coords)
+        for k, v in (attrs or {}).items():
+            f.attrs[k] = v
 
 
 @dataclass

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import csv
 import os
-import tempfile
 import warnings
 import xml.etree.ElementTree as ET
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +28,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from histofed.atomic import atomic_path
 
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
 MASK_SUFFIXES = (".png", ".tif", ".tiff")
@@ -379,15 +380,8 @@ def read_aperio_xml(
 
 
 def _atomic_save(path: Path, im: Image.Image) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp" + path.suffix)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         im.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_image_png(path: str | os.PathLike[str], image: np.ndarray) -> None:

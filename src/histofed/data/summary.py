@@ -12,14 +12,13 @@ Example:
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
 
+from histofed.atomic import atomic_path
 from histofed.data.federation import ClientData, Federation
 
 
@@ -223,13 +222,6 @@ def plot_federation(fed: Federation, path: str | Path) -> Path:
         frameon=False,
     )
     ax1.set_title(f"{fed.name} ({fed.task}): per-client data", fontsize=10)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import csv
 import os
-import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 from scipy.ndimage import uniform_filter
+
+from histofed.atomic import atomic_path
 
 # Tile nucleus classes (value in the ``classes`` map; 0 = background).
 NUCLEUS_CLASSES: dict[int, str] = {1: "lymphocyte-like", 2: "epithelial-like", 3: "spindle-like"}
@@ -392,10 +393,8 @@ def write_synthetic_source(
         write_mask_png(src / "masks" / f"{image_id}.png", instances)
         rows.append({"id": image_id, "width": size, "height": size,
                      "n_instances": int(instances.max())})
-    fd, tmp = tempfile.mkstemp(dir=src, suffix=".csv.tmp")
-    with os.fdopen(fd, "w", newline="") as f:
+    with atomic_path(src / "meta.csv") as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["id", "width", "height", "n_instances"])
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, src / "meta.csv")
     return src

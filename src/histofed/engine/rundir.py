@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from histofed.algorithms.base import Payload
+from histofed.atomic import atomic_write_text
 
 
 class RunDirError(RuntimeError):
@@ -46,12 +47,6 @@ def new_run_dir(out: Path | None, name: str, root: Path = Path("runs")) -> Path:
     return out
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def append_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
