@@ -6,7 +6,7 @@ from torch import nn
 
 from histofed.algorithms import build_algorithm
 from histofed.algorithms.base import ClientInfo, Payload, ServerContext
-from histofed.algorithms.feddp import SKIP, FedDP
+from histofed.algorithms.feddp import CLIENT_LEDGER, SKIP, FedDP
 from histofed.config import ConfigError, NamedConfig
 from histofed.engine import run_experiment
 from histofed.engine.rundir import list_checkpoints, load_checkpoint, new_run_dir, read_jsonl
@@ -147,7 +147,7 @@ def test_record_level_keeps_one_accountant_per_client(tiny_config, tmp_path):
     assert rows[1]["epsilon"] > rows[0]["epsilon"] > 0
     assert rows[1]["epsilon"] == max(r["epsilon"] for r in per_client if r["round"] == 2)
     _, _, states = load_checkpoint(list_checkpoints(out)[-1])
-    led = Ledger.from_scalars(states["synthetic-0"].scalars)
+    led = Ledger.from_scalars(states["synthetic-0"].scalars, CLIENT_LEDGER)
     assert led.steps == 2 * cfg.train.local_steps  # the client's history spans both rounds
 
 
@@ -158,7 +158,10 @@ def test_record_level_keeps_one_accountant_per_client(tiny_config, tmp_path):
     ({"sigma": 1.0, "q": 1.01}, r"q = 1.01"),
     ({}, "exactly one of sigma"),
     ({"target_epsilon": 8.0}, "needs target_rounds"),
-    ({"sigma": 1.0, "base": "fedsoda"}, "choose one of fedavg, fedprox, fedbn"),
+    ({"sigma": 1.0, "base": "fedsoda"}, "needs a base whose aggregation is a mean.*noise = \"local\""),
+    ({"sigma": 1.0, "base": "centralized"}, "pools raw data"),
+    ({"sigma": 1.0, "base": "fedavgg"}, 'Did you mean "fedavg"'),
+    ({"sigma": 1.0, "base": "fedprox", "base_options": {"mu": "abc"}}, "mu = 'abc' should be a number"),
     ({"sigma": 1.0, "level": "record", "base": "fedprox"}, "proximal term"),
     ({"sigma": 1.0, "sigmaa": 1.0}, 'Did you mean "sigma"'),
 ])

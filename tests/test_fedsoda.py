@@ -173,7 +173,8 @@ def test_server_memory_bank_cross_assessment_and_fusion():
     stats = {0: (0.3, 0.1), 1: (0.7, 0.2), 2: (0.5, 0.3)}
     results = {c: Payload(models[c], {"num_examples": 4, "mu": m, "sigma": s}) for c, (m, s) in stats.items()}
     s1 = algo.aggregate(_sctx(unet, rnd=1, k=3, seed=5), state, results)
-    s2 = algo.aggregate(_sctx(unet, rnd=2, k=3, seed=5), s1, results)
+    sctx2 = _sctx(unet, rnd=2, k=3, seed=5)
+    s2 = algo.aggregate(sctx2, s1, results)
     banks = {}
     for c, (m, s) in stats.items():  # v^1 = v_new(1); v^2 = 0.25 v^1 + 0.75 v_new(2)
         v1 = np.random.default_rng([5, 1, c]).normal(m, s, size=(2, 3, 16, 16))
@@ -181,7 +182,8 @@ def test_server_memory_bank_cross_assessment_and_fusion():
         np.testing.assert_allclose(s1.arrays[f"bank/{c}"], v1.astype(np.float32))
         np.testing.assert_allclose(s2.arrays[f"bank/{c}"], 0.25 * v1 + 0.75 * v2, rtol=1e-5, atol=1e-6)
         banks[c] = torch.from_numpy(s2.arrays[f"bank/{c}"])
-    log = json.loads(s2.scalars["fedsoda_log"])
+    (log,) = sctx2.logs["fedsoda"]  # a log row of this round, not part of the state
+    assert not any("log" in k for k in s2.scalars)
     sim, w = np.array(log["similarity"]), np.array(log["weights"])
     assert sim.shape == w.shape == (3, 3, 3) and log["fallbacks"] == 0  # 2-level UNet: 3 stages
     # the last stage's feature is the logit map: s_01 = cos(model_0(v_0), model_0(v_1))

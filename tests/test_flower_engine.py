@@ -213,8 +213,7 @@ def test_resume_of_inprocess_run_with_client_state_is_refused(tmp_path):
 ])
 def test_handshake_errors_name_the_node_and_the_fix(pids, match):
     with pytest.raises(RunError, match=match):
-        F.FlowerTransport(LocalGrid(pids), ["synthetic-0", "synthetic-1", "synthetic-2"],
-                          config_text=dump_toml(_cfg().to_dict()), node_wait=0.0)
+        F.FlowerTransport(LocalGrid(pids), config_text=dump_toml(_cfg().to_dict()), node_wait=0.0)
 
 
 class _BoomAlgorithm(ALGORITHMS.get("fedavg")):

@@ -5,36 +5,24 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import ConcatDataset, DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from histofed.config import EvalConfig, TrainConfig
+from histofed.registry import Registry
 
 
-def reseed(dataset: Dataset, seed: int) -> None:
-    """Fix the random crops/augmentations of a dataset (and of ConcatDataset parts)."""
-    if isinstance(dataset, ConcatDataset):
-        for i, part in enumerate(dataset.datasets):
-            reseed(part, seed + 7919 * i)
-    elif hasattr(dataset, "reseed"):
-        dataset.reseed(seed)
+TASKS: Registry[type[Task]] = Registry("task")
 
 
-def infinite_batches(dataset: Dataset, batch_size: int, seed: int) -> Iterator:
-    """Shuffled batches forever, reproducible from ``seed`` (new shuffle + crops each pass)."""
-    epoch = 0
-    while True:
-        reseed(dataset, seed + 104729 * epoch)
-        gen = torch.Generator().manual_seed(seed + epoch)
-        drop_last = len(dataset) >= batch_size
-        loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=gen,
-                            drop_last=drop_last, num_workers=0)
-        yield from loader
-        epoch += 1
+def register_task(name: str) -> Callable[[type[Task]], type[Task]]:
+    """Class decorator: ``@register_task("segmentation")`` adds a task kind under that name."""
+    return TASKS.register(name)
 
 
 @dataclass
@@ -44,9 +32,12 @@ class Task:
     train_cfg: TrainConfig
     num_classes: int
     crop_size: int = 128
+    headline: ClassVar[str] = "loss"  # the metric progress bars and summaries show
 
     def batches(self, dataset: Dataset, seed: int) -> Iterator:
-        return infinite_batches(dataset, self.train_cfg.batch_size, seed)
+        from histofed.algorithms.training import shuffled_batches
+
+        return shuffled_batches(dataset, self.train_cfg.batch_size, seed)
 
     def forward(self, model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
         return model(inputs)
@@ -58,8 +49,11 @@ class Task:
         raise NotImplementedError
 
 
+@register_task("segmentation")
 class SegmentationTask(Task):
     """Binary segmentation: BCE (+ soft Dice), sliding-window evaluation on whole tiles."""
+
+    headline: ClassVar[str] = "dice"
 
     def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         # logits, target: B x 1 x H x W
@@ -99,8 +93,11 @@ class SegmentationTask(Task):
         return {"loss": float(np.mean(losses)), **segmentation_metrics(preds, targets)}
 
 
+@register_task("classification")
 class ClassificationTask(Task):
     """Tile/patch classification with cross-entropy."""
+
+    headline: ClassVar[str] = "balanced_accuracy"
 
     def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits, target)
@@ -123,6 +120,7 @@ class ClassificationTask(Task):
         return {"loss": loss, **classification_metrics(probs, all_labels.numpy())}
 
 
+@register_task("mil")
 class MILTask(ClassificationTask):
     """Bag classification: one bag (N_i x D features) per step, since bag sizes differ."""
 
@@ -153,23 +151,5 @@ class MILTask(ClassificationTask):
         return {"loss": loss, **classification_metrics(probs, all_labels.numpy())}
 
 
-TASKS: dict[str, type[Task]] = {
-    "segmentation": SegmentationTask,
-    "classification": ClassificationTask,
-    "mil": MILTask,
-}
-
-
 def make_task(kind: str, train_cfg: TrainConfig, num_classes: int, crop_size: int = 128) -> Task:
-    return TASKS[kind](train_cfg=train_cfg, num_classes=num_classes, crop_size=crop_size)
-
-
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    return cls(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
-
-
-ExtraLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    return TASKS.get(kind)(train_cfg=train_cfg, num_classes=num_classes, crop_size=crop_size)

@@ -1,34 +1,35 @@
-"""Federated methods and baselines, by name. See base.py for the contract."""
+"""Federated methods and baselines, by name. See base.py for the contract.
+
+Each method registers itself with ``@register_algorithm("name")``; importing this package
+imports the built-in ones.
+"""
 
 from __future__ import annotations
 
-from histofed.algorithms.base import Algorithm, ClientContext, Payload, ServerContext
-from histofed.algorithms.centralized import Centralized
-from histofed.algorithms.fedavg import FedAvg
-from histofed.algorithms.fedbn import FedBN
-from histofed.algorithms.fedprox import FedProx
-from histofed.algorithms.fedsoda import FedSODA
-from histofed.algorithms.local import LocalOnly
+from histofed.algorithms import (  # noqa: F401  (register the built-in methods)
+    centralized,
+    fedavg,
+    fedbn,
+    feddp,
+    fedprox,
+    fedsoda,
+    local,
+)
+from histofed.algorithms.base import (
+    ALGORITHMS,
+    Algorithm,
+    ClientContext,
+    ClientInfo,
+    Payload,
+    ServerContext,
+    register_algorithm,
+)
 from histofed.config import NamedConfig
-from histofed.registry import Registry
-
-ALGORITHMS: Registry[type[Algorithm]] = Registry("algorithm")
-for _cls in (FedAvg, FedProx, FedBN, LocalOnly, Centralized, FedSODA):
-    ALGORITHMS.add(_cls.name, _cls)
-
-
-def register_algorithm(cls: type[Algorithm]) -> type[Algorithm]:
-    """Class decorator adding a method to the registry under ``cls.name``."""
-    ALGORITHMS.add(cls.name, cls)
-    return cls
 
 
 def build_algorithm(cfg: NamedConfig) -> Algorithm:
     return ALGORITHMS.get(cfg.name).from_options(**cfg.options)
 
 
-from histofed.algorithms import feddp as _feddp  # noqa: E402,F401  (registers "feddp")
-
-
-__all__ = ["ALGORITHMS", "Algorithm", "ClientContext", "Payload", "ServerContext",
+__all__ = ["ALGORITHMS", "Algorithm", "ClientContext", "ClientInfo", "Payload", "ServerContext",
            "build_algorithm", "register_algorithm"]

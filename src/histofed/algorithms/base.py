@@ -20,6 +20,7 @@ it checkpoints the same way. Randomness is always derived from (run seed, round,
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,6 +28,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
+
+from histofed.registry import Registry
 
 if TYPE_CHECKING:
     from histofed.config import EvalConfig, TrainConfig
@@ -70,16 +73,58 @@ class Payload:
 
 @dataclass
 class ClientInfo:
-    """What the server may know about a client: its index, name and training-set size."""
+    """One roster entry: what the coordinator knows of a site, and all it knows.
+
+    A site tells it at the start of a run (in-process: read off the federation by the client
+    side of the engine; on Flower: the handshake reply of the site's SuperNode). The server side
+    never builds a client's dataset.
+
+    Attributes:
+        cid: the client's index in the federation (0-based).
+        name: the site's name (used in logs, file names and tables).
+        num_train: training examples (tiles, patches or bags): FedAvg's weight.
+        task: "segmentation" | "classification" | "mil".
+        num_classes: output classes (1 for binary segmentation).
+        model: the site's architecture, fully resolved (``{"name": ..., **options}``, data-given
+            options such as ``in_dim`` included): ``ServerContext.build_model(cid)`` builds it.
+        sizes: counts the site agrees to share, e.g. ``{"train": 24, "test": 3,
+            "train_pixels": 1_500_000}``.
+        facts: other facts a method may need (``crop_size``, ``raw_bytes`` for the pooled
+            baseline's egress, ...).
+    """
 
     cid: int
     name: str
     num_train: int
+    task: str = "segmentation"
+    num_classes: int = 1
+    model: dict[str, Any] = field(default_factory=dict)
+    sizes: dict[str, int] = field(default_factory=dict)
+    facts: dict[str, Any] = field(default_factory=dict)
+
+    def to_scalars(self) -> dict[str, ScalarValue]:
+        """As a flat JSON-able record (for the Flower handshake)."""
+        return {"roster": json.dumps(dataclasses.asdict(self), sort_keys=True)}
+
+    @classmethod
+    def from_scalars(cls, scalars: dict[str, Any]) -> ClientInfo:
+        return cls(**json.loads(str(scalars["roster"])))
+
+
+ModelFactory = Callable[..., torch.nn.Module]
 
 
 @dataclass
 class ClientContext:
-    """Everything a client part sees during one job. Built by the engine on the client side."""
+    """Everything a client part sees during one job. Built by the engine on the client side.
+
+    ``model`` is this site's architecture (weights: whatever was last loaded, fresh each job);
+    ``build_model(spec)`` builds another one on site (a teacher, an encoder): ``spec`` is a
+    ``{"name": ..., **options}`` dict, or None for this site's own architecture; weights are
+    initialised from a generator derived from (run seed, client, ``init_offset``).
+    ``trainer`` runs every optimisation loop of the job (see algorithms/training.py); a wrapper
+    such as FedDP's record level swaps it for DP-SGD without the method knowing.
+    """
 
     cid: int
     name: str
@@ -87,11 +132,14 @@ class ClientContext:
     seed: int  # derived from (run seed, round, cid); use the helpers below
     data: ClientData
     task: Task
-    model: torch.nn.Module  # this client's architecture; weights are whatever was last loaded
+    model: torch.nn.Module
     train: TrainConfig
     eval: EvalConfig
     state: Payload  # private to the site, persists across rounds, never sent
     logs: dict[str, float] = field(default_factory=dict)  # local training log (stays on site)
+    build_model: ModelFactory | None = None
+    trainer: Any = None  # a histofed.algorithms.training.Trainer; set by the engine
+    info: ClientInfo | None = None  # this site's own roster entry
 
     def torch_generator(self, offset: int = 0) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed + offset)
@@ -102,38 +150,113 @@ class ClientContext:
 
 @dataclass
 class ServerContext:
-    """What the server part sees: the clients, a model factory and seeded randomness."""
+    """What the server part sees: the roster, a model factory, the task, the trainer, seeded
+    randomness and a place for per-round log rows. Never a client's data.
+
+    ``build_model(cid)`` builds client ``cid``'s architecture from its roster entry (None: the
+    shared architecture every client has, for weight-averaging methods); ``task`` is the
+    federation's task (losses, evaluation) for methods that evaluate or optimise on the server,
+    with ``trainer`` running their loops. ``log(stem, row)`` appends a row to ``<stem>.jsonl``
+    after aggregation (truncated on resume like every per-round log).
+    """
 
     round: int
     seed: int
     clients: list[ClientInfo]
-    build_model: Callable[[int | None], torch.nn.Module]  # cid -> that client's architecture
+    build_model: Callable[[int | None], torch.nn.Module]
     rounds: int = 0  # planned number of rounds of the run (0 = unknown)
+    task: Task | None = None
+    trainer: Any = None
+    logs: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
     def numpy_rng(self, offset: int = 0) -> np.random.Generator:
         return np.random.default_rng([self.seed, self.round, offset])
+
+    def torch_generator(self, offset: int = 0) -> torch.Generator:
+        seq = np.random.SeedSequence([self.seed, self.round, offset, 0x5E])
+        return torch.Generator().manual_seed(int(seq.generate_state(1)[0]))
+
+    def log(self, stem: str, row: dict[str, Any]) -> None:
+        """Append ``row`` to ``<stem>.jsonl`` of the run once this round is aggregated."""
+        self.logs.setdefault(stem, []).append(row)
+
+    def client(self, cid: int) -> ClientInfo:
+        for c in self.clients:
+            if c.cid == cid:
+                return c
+        raise KeyError(f"no client {cid} in this round's roster")
 
 
 class ClientTrainingError(RuntimeError):
     """A client's round failed (e.g. NaN loss); its update is dropped, the run stays recoverable."""
 
 
+class ArchitectureMismatch(ValueError):
+    """Clients of a weight-averaging method built different architectures."""
+
+
+def require_same_architecture(sctx: ServerContext, method: str) -> None:
+    """Weight averaging needs one architecture: raise naming the clients that differ.
+
+    Raises:
+        ArchitectureMismatch: two roster entries have different model specs.
+    """
+    groups: dict[str, list[str]] = {}
+    for c in sctx.clients:
+        groups.setdefault(json.dumps(c.model, sort_keys=True), []).append(c.name)
+    if len(groups) > 1:
+        described = "; ".join(f"{', '.join(names)}: {spec}" for spec, names in groups.items())
+        raise ArchitectureMismatch(
+            f"{method} averages weights, so every client needs the same [model]; these differ: "
+            f"{described}. Remove the per-client [model] tables, or use a method that allows "
+            "different architectures (local, or one that exchanges data instead of weights)")
+
+
+# ---- private-state keys ----------------------------------------------------------------------
+def prefixed(prefix: str, arrays: dict[str, Any]) -> dict[str, Any]:
+    """``{prefix + "/" + k: v}``: a method's own namespace inside a shared state Payload.
+
+    Example:
+        >>> prefixed("teacher", {"w": 1})
+        {'teacher/w': 1}
+    """
+    return {f"{prefix}/{k}": v for k, v in arrays.items()}
+
+
+def unprefixed(prefix: str, arrays: dict[str, Any]) -> dict[str, Any]:
+    """The entries under ``prefix/``, with the prefix removed (inverse of :func:`prefixed`)."""
+    head = f"{prefix}/"
+    return {k[len(head):]: v for k, v in arrays.items() if k.startswith(head)}
+
+
+def without_namespaces(arrays: dict[str, Any]) -> dict[str, Any]:
+    """The entries outside any namespace (model weights: state-dict keys contain no "/")."""
+    return {k: v for k, v in arrays.items() if "/" not in k}
+
+
 class Algorithm:
     """Base class of every federated method. Subclasses override the fewest hooks.
 
     Class attributes:
-        name: registry name.
+        name: registry name (set by ``@register_algorithm("name")``).
         one_shot: the method communicates once (the engine runs a single round).
         pooled: centralised baseline: the engine trains one model on the pooled data.
+        mean_aggregation: ``aggregate`` is theta + a (weighted) mean of client updates, so a
+            DP wrapper may replace it by a noisy fixed-denominator sum (central noise).
+
+    Options are dataclass fields; ``from_options`` validates them from the annotations and
+    ``histofed.options.option`` constraints (unknown key, type, range: a ConfigError).
     """
 
     name: ClassVar[str] = ""
     one_shot: ClassVar[bool] = False
     pooled: ClassVar[bool] = False
+    mean_aggregation: ClassVar[bool] = False
 
     # ---- server side -------------------------------------------------------------------
     def init_state(self, sctx: ServerContext, init_weights: dict[str, np.ndarray]) -> Payload:
-        """Initial server state; by default the global model weights."""
+        """Initial server state; by default the global model weights (``init_weights``: the
+        shared architecture, seeded by (run seed, "global"); empty when clients differ)."""
         return Payload(dict(init_weights), {}, kind="state")
 
     def configure_fit(self, sctx: ServerContext, state: Payload) -> dict[int, Payload]:
@@ -144,7 +267,7 @@ class Algorithm:
     def aggregate(
         self, sctx: ServerContext, state: Payload, results: dict[int, Payload]
     ) -> Payload:
-        """Combine client payloads into the new server state."""
+        """Combine client payloads into the new server state (log rows: ``sctx.log``)."""
         raise NotImplementedError
 
     def configure_evaluate(self, sctx: ServerContext, state: Payload) -> dict[int, Payload]:
@@ -156,13 +279,48 @@ class Algorithm:
         return state.arrays
 
     def round_logs(self, sctx: ServerContext, state: Payload) -> dict[str, list[dict[str, Any]]]:
-        """Extra per-round log rows by file stem, e.g. ``{"privacy": [{"round": r, "epsilon": e}]}``
-        is appended to ``privacy.jsonl`` after aggregation (and truncated on resume)."""
+        """Extra per-round log rows derived from the new state, by file stem, e.g.
+        ``{"privacy": [{"round": r, "epsilon": e}]}`` -> ``privacy.jsonl``. Rows computed during
+        aggregation go through ``sctx.log`` instead."""
         return {}
 
-    def personal_weights(self, state: Payload, client_state: Payload) -> dict[str, np.ndarray]:
-        """A client's personalised model, where the method keeps one (empty otherwise)."""
+    def personal_weights(self, client: ClientInfo, state: Payload,
+                         client_state: Payload) -> dict[str, np.ndarray]:
+        """``client``'s personalised model, where the method keeps one (empty otherwise).
+
+        ``client_state`` is the site's private state where the engine holds it (in-process),
+        else empty (Flower: it stays on the node).
+        """
         return {}
+
+    def local_keys(self, model: torch.nn.Module) -> set[str]:
+        """State-dict keys of ``model`` that never leave a site (FedBN: its norm layers)."""
+        return set()
+
+    def extra_loss_terms(self) -> list[str]:
+        """Names of loss terms the method adds to the task loss (e.g. FedProx's proximal term);
+        a DP-SGD wrapper refuses them (they are not sums over records)."""
+        return []
+
+    # ---- updates, as a DP wrapper sees them -------------------------------------------------
+    def client_update(self, received: Payload, upload: Payload) -> dict[str, np.ndarray]:
+        """The update a client-level DP wrapper clips and noises: by default, for payloads of
+        kind "weights", the float arrays minus what the client received (same keys)."""
+        missing = [k for k in upload.arrays if k not in received.arrays]
+        if missing:
+            raise ValueError(f"{self.name}: the client uploaded arrays it never received "
+                             f"({missing[:3]}), so no update can be formed; override "
+                             "Algorithm.client_update for this method")
+        return {k: (v.astype(np.float64) - received.arrays[k]).astype(v.dtype)
+                for k, v in upload.arrays.items() if np.issubdtype(v.dtype, np.floating)}
+
+    def apply_update(self, received: Payload, update: dict[str, np.ndarray],
+                     upload: Payload) -> Payload:
+        """Inverse of :meth:`client_update` on the server: the payload the method's own
+        ``aggregate`` expects, rebuilt from a (clipped, noised) update."""
+        arrays = {k: (received.arrays[k].astype(np.float64) + update[k]).astype(v.dtype)
+                  if k in update else v for k, v in upload.arrays.items()}
+        return Payload(arrays, dict(upload.scalars), kind=upload.kind)
 
     # ---- client side -------------------------------------------------------------------
     def fit(self, ctx: ClientContext, payload: Payload) -> Payload:
@@ -182,14 +340,29 @@ class Algorithm:
     # ---- helpers -------------------------------------------------------------------------
     @classmethod
     def from_options(cls, **options: Any) -> Algorithm:
-        """Build from config options, rejecting unknown keys with a suggestion."""
-        import dataclasses
+        """Build from config options, validated from the dataclass annotations.
 
-        from histofed.config import check_options
+        Raises:
+            ConfigError: unknown key (with the closest valid one), wrong type or out of range.
+        """
+        from histofed.options import check_values, dataclass_params
 
-        valid = [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else []
-        check_options(f"algorithm {cls.name!r}", options, valid)
-        return cls(**options)
+        params = dataclass_params(cls) if dataclasses.is_dataclass(cls) else {}
+        return cls(**check_values(f"[algorithm] {cls.name!r}", params, options))
+
+
+ALGORITHMS: Registry[type[Algorithm]] = Registry("algorithm")
+
+
+def register_algorithm(name: str) -> Callable[[type[Algorithm]], type[Algorithm]]:
+    """Class decorator: ``@register_algorithm("fedavg")`` adds the method under that name."""
+
+    def decorator(cls: type[Algorithm]) -> type[Algorithm]:
+        cls.name = name
+        ALGORITHMS.add(name, cls)
+        return cls
+
+    return decorator
 
 
 def evaluate_model(ctx: ClientContext, model: torch.nn.Module, label: str) -> dict[str, dict[str, float]]:

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from histofed.algorithms.base import Payload, ServerContext
+from histofed.algorithms.base import Payload, ServerContext, register_algorithm
 from histofed.algorithms.fedavg import FedAvg
 
 
+@register_algorithm("centralized")
 @dataclass
 class Centralized(FedAvg):
-    name = "centralized"
     pooled = True
+    mean_aggregation = False  # one pooled model: nothing to average, nothing a DP wrapper may clip
 
     def aggregate(self, sctx: ServerContext, state: Payload, results: dict[int, Payload]) -> Payload:
         (result,) = results.values()  # the single pooled client

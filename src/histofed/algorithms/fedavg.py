@@ -3,22 +3,37 @@
 Each round every client starts from the global weights theta_t, trains locally to theta_k,
 and the server sets theta_{t+1} = sum_k n_k theta_k / sum_k n_k  (n_k = local training
 examples). Normalisation-layer buffers (BatchNorm running mean/var) are averaged like weights;
-``num_batches_tracked`` stays local (see algorithms/weights.py).
+``num_batches_tracked`` stays local (see algorithms/weights.py). Every client must have the same
+architecture (checked on the roster before round 1).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from histofed.algorithms.aggregate import weighted_mean
-from histofed.algorithms.base import Algorithm, ClientContext, Payload, ServerContext
+from histofed.algorithms.base import (
+    Algorithm,
+    ClientContext,
+    Payload,
+    ServerContext,
+    register_algorithm,
+    require_same_architecture,
+)
 from histofed.algorithms.training import local_train
 from histofed.algorithms.weights import get_weights, load_weights
 
 
+@register_algorithm("fedavg")
 @dataclass
 class FedAvg(Algorithm):
-    name = "fedavg"
+    mean_aggregation = True
+
+    def init_state(self, sctx: ServerContext, init_weights: dict[str, np.ndarray]) -> Payload:
+        require_same_architecture(sctx, self.name)
+        return super().init_state(sctx, init_weights)
 
     def fit(self, ctx: ClientContext, payload: Payload) -> Payload:
         load_weights(ctx.model, payload.arrays)

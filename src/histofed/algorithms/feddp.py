@@ -1,18 +1,28 @@
-"""FedDP: differentially private federated training wrapped around FedAvg / FedProx / FedBN.
+"""FedDP: differentially private federated training wrapped around any federated method.
 
 Pan et al. (arXiv 2411.04509) clip each client's update and add Gaussian noise (their eq. 11),
 which is DP-FedAvg at client level (McMahan et al., ICLR 2018). Their "epsilon = C / sigma" is
 not an (epsilon, delta) statement; here Opacus' accountants compose the rounds (privacy/).
 
+The wrapped method (``base``, any registered method that uploads something) is never named
+here: the wrapper works on what it uploads. ``Algorithm.client_update`` turns a client's upload
+into the update Delta_k that is clipped (by default: uploaded weights minus received weights;
+a method whose upload is already an update, e.g. low-rank factors, overrides it), and
+``Algorithm.apply_update`` turns a clipped, noised update back into an upload on the server.
+
 Client level (``level = "client"``), per round t:
   1. the server samples each client independently with probability ``q`` (Poisson);
-  2. each sampled client trains as the ``base`` method does, forms Delta_k = theta_k - theta_t
-     over what it would upload, and clips it to L2 norm ``clip`` (C);
+  2. each sampled client trains as the base method does, forms Delta_k and clips it to L2 norm
+     ``clip`` (C): Delta_k <- Delta_k * min(1, C / ||Delta_k||);
   3. ``noise = "central"``: the (trusted) server adds N(0, sigma^2 C^2 I) to the sum of the
      clipped updates; ``noise = "local"``: each client adds it to its own clipped update
      before it leaves the site (what protects it from a curious server; see the audit);
-  4. theta_{t+1} = theta_t + server_lr * sum / (q N), a *fixed* denominator (expected number of
-     participants), so one client's presence changes the sum by at most C.
+  4. a base whose aggregation is a mean of updates (``mean_aggregation``: FedAvg, FedProx,
+     FedBN) gets DP-FedAvg's step theta_{t+1} = theta_t + server_lr * sum / (q N) with a
+     *fixed* denominator (expected number of participants), so one client's presence changes
+     the sum by at most C. Any other base (FedSODA's fusion) needs ``noise = "local"``: each
+     noised update is turned back into an upload and the base aggregates as it always does,
+     which is post-processing of already private releases.
   Accounting: central: Poisson-subsampled Gaussian (sigma, q), one step per round, adjacency =
   add/remove one client. Local: per client against the server itself, which knows whom it
   sampled (so no amplification): one Gaussian release per participation with sensitivity 2C
@@ -20,39 +30,44 @@ Client level (``level = "client"``), per round t:
   logged. Updates are unweighted (FedAvg's n_k weights would make the sensitivity data-dependent).
 
 Record level (``level = "record"``): DP-SGD inside each hospital with Opacus (per-record
-clipping to C and noise sigma C on each step, Poisson batches of ``batch_size / n`` records);
-one accountant per client in its private state, across rounds; the server aggregates as the base
-method does, and logs the max epsilon over clients. A record is one training image (for crop
-datasets one random crop per image per pass, so each image is one record).
+clipping to C and noise sigma C on each step, Poisson batches of ``batch_size / n`` records),
+swapped in as the job's trainer, so the base method trains with DP-SGD without knowing; one
+accountant per client in its private state, across rounds; the server aggregates as the base
+does, and logs the max epsilon over clients. A record is one training image (for crop datasets
+one random crop per image per pass, so each image is one record). Loss terms that are not a sum
+over records (FedProx's proximal term, FedSODA's L_sc) are refused.
 
 Bad input fails before training: sigma < 0, clip <= 0, q outside (0, 1], delta >= 1/N,
-BatchNorm running statistics that would leave a site un-noised, layers Opacus cannot handle.
-Not covered by the accountant: evaluation metrics and the local training log (loss, update
-norm) that the engine records; treat them as released.
+float buffers (BatchNorm running statistics) that the base uploads but no noise would cover at
+record level, or that it does not keep home at client level, layers Opacus cannot handle.
+Not covered by the accountant, and logged as ``released`` in privacy.jsonl: the scalars the
+base uploads beside its arrays (e.g. num_examples, FedSODA's intensity mean and std), the
+evaluation metrics and the local training log (loss, update norm) that the engine records.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from histofed.algorithms import ALGORITHMS, register_algorithm
 from histofed.algorithms.base import (
+    ALGORITHMS,
     Algorithm,
     ClientContext,
     ClientInfo,
-    ClientTrainingError,
     Payload,
     ServerContext,
+    register_algorithm,
 )
-from histofed.algorithms.weights import get_weights, load_weights, norm_keys, split_arrays
+from histofed.algorithms.training import ExtraLoss, Trainer, make_optimizer, optimise, passes, where
 from histofed.config import ConfigError
+from histofed.options import option
 from histofed.privacy.accountant import (
     Ledger,
     check_accountant,
@@ -61,19 +76,19 @@ from histofed.privacy.accountant import (
 )
 from histofed.privacy.dp import add_gaussian_noise, check_mechanism, clip_arrays, sum_arrays
 
-BASES = ("fedavg", "fedprox", "fedbn")
 SKIP = "skip"  # scalar flag of a no-op job (nobody was sampled; see configure_fit)
+CLIENT_LEDGER = "feddp/dp_"  # prefix of a client's DP-SGD accountant in its private state
 _SAMPLING, _SERVER_NOISE, _CLIENT_NOISE = 101, 102, 103  # RNG stream offsets
 _WHERE = "[algorithm] (feddp)"
 
 
-@register_algorithm
+@register_algorithm("feddp")
 @dataclass
 class FedDP(Algorithm):
-    """DP-FedAvg around a base method. Options (TOML ``[algorithm]``):
+    """DP around a base method. Options (TOML ``[algorithm]``):
 
     Attributes:
-        base: "fedavg" | "fedprox" | "fedbn".
+        base: the wrapped method's registry name (e.g. "fedavg", "fedbn", "fedsoda").
         base_options: the base method's own options, e.g. ``{ mu = 0.01 }``.
         level: "client" (protects a hospital's whole dataset) | "record" (one image, DP-SGD).
         noise: "central" | "local" (client level only).
@@ -85,14 +100,13 @@ class FedDP(Algorithm):
         q: client sampling rate per round (Poisson); 1 = every client every round.
         delta: the delta of the reported (epsilon, delta).
         accountant: "rdp" | "prv".
-        server_lr: server step on the averaged noisy update.
+        server_lr: server step on the averaged noisy update (mean-aggregating bases).
     """
 
-    name = "feddp"
     base: str = "fedavg"
-    base_options: dict[str, Any] = field(default_factory=dict)
-    level: str = "client"
-    noise: str = "central"
+    base_options: dict[str, Any] = option(default_factory=dict)
+    level: Literal["client", "record"] = "client"
+    noise: Literal["central", "local"] = "central"
     clip: float = 1.0
     sigma: float | None = None
     target_epsilon: float | None = None
@@ -103,16 +117,6 @@ class FedDP(Algorithm):
     server_lr: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.base not in BASES:
-            raise ConfigError(f"{_WHERE}: base = {self.base!r}: choose one of {', '.join(BASES)}")
-        if self.level not in ("client", "record"):
-            raise ConfigError(f'{_WHERE}: level = {self.level!r}: choose "client" or "record"')
-        if self.noise not in ("central", "local"):
-            raise ConfigError(f'{_WHERE}: noise = {self.noise!r}: choose "central" or "local"')
-        if self.level == "record" and self.base == "fedprox":
-            raise ConfigError(f"{_WHERE}: level = \"record\" cannot wrap fedprox: its proximal "
-                              "term has no per-record gradient, so DP-SGD would drop it. Use "
-                              'base = "fedavg" or "fedbn"')
         check_accountant(self.accountant, f"{_WHERE}: accountant")
         if (self.sigma is None) == (self.target_epsilon is None):
             raise ConfigError(f"{_WHERE}: give exactly one of sigma (noise multiplier) or "
@@ -121,13 +125,40 @@ class FedDP(Algorithm):
                         where=_WHERE)
         if not self.server_lr > 0:
             raise ConfigError(f"{_WHERE}: server_lr = {self.server_lr} must be > 0")
+        self._base: Algorithm = self._build_base()
         if self.target_epsilon is not None:
             if not self.target_rounds or self.target_rounds < 1:
                 raise ConfigError(f"{_WHERE}: target_epsilon needs target_rounds (set it to "
                                   "[run].rounds: the rounds the budget must last)")
             if self.level == "client":  # record level: per client, in fit (needs its data size)
                 self.sigma = self._client_sigma_for_target()
-        self._base: Algorithm = ALGORITHMS.get(self.base).from_options(**self.base_options)
+
+    def _build_base(self) -> Algorithm:
+        from histofed.registry import UnknownNameError
+
+        try:
+            cls = ALGORITHMS.get(self.base)
+        except UnknownNameError as err:
+            raise ConfigError(f"{_WHERE}: base: {err}") from None
+        if cls is FedDP or cls.pooled:
+            raise ConfigError(f"{_WHERE}: base = {self.base!r} cannot be wrapped: "
+                              + ("FedDP is already the wrapper" if cls is FedDP else
+                                 "it pools raw data, so there is no update to protect"))
+        base = cls.from_options(**self.base_options)
+        if self.level == "client" and self.noise == "central" and not base.mean_aggregation:
+            raise ConfigError(
+                f"{_WHERE}: noise = \"central\" adds noise to the sum of client updates, which "
+                f"needs a base whose aggregation is a mean of updates; {self.base!r} aggregates "
+                "otherwise (e.g. a fusion of models). Use noise = \"local\" (each site noises its "
+                "own update; the base then aggregates the private releases as usual)")
+        terms = extra_loss_terms(base)
+        if self.level == "record" and terms:
+            raise ConfigError(
+                f"{_WHERE}: level = \"record\" (DP-SGD) clips one gradient per record, but "
+                f"{self.base!r} adds {', '.join(terms)}, which is not a sum over records, so "
+                "DP-SGD would drop or mis-clip it. Turn it off in base_options or use level = "
+                "\"client\"")
+        return base
 
     def _client_sigma_for_target(self) -> float:
         assert self.target_epsilon is not None and self.target_rounds is not None
@@ -138,8 +169,13 @@ class FedDP(Algorithm):
         return noise_for_epsilon(target_epsilon=self.target_epsilon, delta=self.delta, q=self.q,
                                  steps=self.target_rounds, accountant=self.accountant)
 
+    @property
+    def mean_aggregation(self) -> bool:  # type: ignore[override]
+        return False  # already private: nothing a second wrapper may re-aggregate
+
     # ---- server side ---------------------------------------------------------------------
     def init_state(self, sctx: ServerContext, init_weights: dict[str, np.ndarray]) -> Payload:
+        state = self._base.init_state(sctx, init_weights)  # the base's checks come first
         model = sctx.build_model(None)
         if self.level == "client":
             check_mechanism(delta=self.delta, population=len(sctx.clients), unit="clients",
@@ -147,31 +183,32 @@ class FedDP(Algorithm):
             self._check_buffers(model)
         else:
             check_opacus_compatible(model)
-        state = self._base.init_state(sctx, init_weights)
         scalars: dict[str, Any] = dict(state.scalars)
         scalars.update(Ledger().to_scalars())
         scalars["dp_participations"] = [0] * len(sctx.clients)
         scalars["dp_client_epsilon"] = [0.0] * len(sctx.clients)
         scalars["dp_participants_last"] = 0
+        scalars["dp_released"] = []
         return Payload(state.arrays, scalars, kind="state")
 
     def _check_buffers(self, model: torch.nn.Module) -> None:
         """Float buffers (BatchNorm running stats) are computed from data: they must stay home."""
-        local = norm_keys(model) if self.base == "fedbn" else set()
-        leaked = [k for k, v in model.named_buffers() if v.is_floating_point() and k not in local]
+        home = self._base.local_keys(model)
+        leaked = [k for k, v in model.named_buffers() if v.is_floating_point() and k not in home]
         if leaked:
             layer = leaked[0].rsplit(".", 1)[0]
             raise ConfigError(
                 f"{_WHERE}: layer {layer!r} has running statistics ({leaked[0]}, {len(leaked)} "
                 f"buffers in all) computed from private data, which would leave each site without "
-                f'noise. Use [model].norm = "group" or "instance", or base = "fedbn" (keeps '
-                f"norm layers at home)")
+                f'noise. Use [model].norm = "group" or "instance", or a base that keeps norm '
+                f'layers at home (e.g. base = "fedbn")')
 
     def _update_keys(self, sctx: ServerContext, state: Payload) -> list[str]:
-        """Keys a client update covers: float weights, minus norm layers under FedBN."""
-        local = norm_keys(sctx.build_model(None)) if self.base == "fedbn" else set()
-        return [k for k, v in state.arrays.items()
-                if k not in local and np.issubdtype(v.dtype, np.floating)]
+        """Keys a client update covers when nobody reported one: float weights, minus the
+        keys the base keeps at home."""
+        home = self._base.local_keys(sctx.build_model(None))
+        return [k for k, v in state.arrays.items() if "/" not in k and k not in home
+                and np.issubdtype(v.dtype, np.floating)]
 
     def sample(self, sctx: ServerContext) -> list[ClientInfo]:
         """Poisson sampling: each client independently with probability q (seeded per round)."""
@@ -196,6 +233,7 @@ class FedDP(Algorithm):
         real = {c: p for c, p in results.items() if not p.scalars.get(SKIP)}
         scalars = dict(state.scalars)
         scalars["dp_participants_last"] = len(real)
+        scalars["dp_released"] = sorted({k for p in real.values() for k in p.scalars})
         if self.level == "record":
             eps = list(scalars["dp_client_epsilon"])
             for cid, p in real.items():
@@ -203,8 +241,16 @@ class FedDP(Algorithm):
             scalars["dp_client_epsilon"] = eps
             new = self._base.aggregate(sctx, state, real) if real else state
             return Payload(new.arrays, {**new.scalars, **scalars}, kind="state")
+        if self.noise == "local":
+            counts = list(scalars["dp_participations"])
+            for cid in real:
+                counts[cid] += 1
+            scalars["dp_participations"] = counts
+        if not self._base.mean_aggregation:  # local noise (checked): the base aggregates
+            return self._aggregate_by_base(sctx, state, real, scalars)
         assert self.sigma is not None
-        keys = self._update_keys(sctx, state)
+        keys = sorted({k for p in real.values() for k in p.arrays}) or \
+            self._update_keys(sctx, state)
         total = sum_arrays([real[c].arrays for c in sorted(real)],
                            {k: state.arrays[k] for k in keys})
         if self.noise == "central":
@@ -212,23 +258,34 @@ class FedDP(Algorithm):
             ledger = Ledger.from_scalars(scalars)
             ledger.step(sigma=self.sigma, q=self.q)
             scalars.update(ledger.to_scalars())
-        else:
-            counts = list(scalars["dp_participations"])
-            for cid in real:
-                counts[cid] += 1
-            scalars["dp_participations"] = counts
         scale = self.server_lr / (self.q * len(sctx.clients))
         arrays = dict(state.arrays)
         for k in keys:
             arrays[k] = (arrays[k].astype(np.float64) + scale * total[k]).astype(arrays[k].dtype)
         return Payload(arrays, scalars, kind="state")
 
+    def _aggregate_by_base(self, sctx: ServerContext, state: Payload, real: dict[int, Payload],
+                           scalars: dict[str, Any]) -> Payload:
+        """Noised updates -> the uploads the base expects (what each client was sent, plus its
+        private update) -> the base's own aggregation."""
+        if not real:
+            return Payload(state.arrays, scalars, kind="state")
+        sampled = [sctx.client(c) for c in sorted(real)]
+        sent = self._base.configure_fit(dataclasses.replace(sctx, clients=sampled), state)
+        uploads = {c: self._base.apply_update(sent[c], p.arrays,
+                                              Payload({}, dict(p.scalars), kind="weights"))
+                   for c, p in real.items()}
+        new = self._base.aggregate(sctx, state, uploads)
+        return Payload(new.arrays, {**new.scalars, **scalars}, kind="state")
+
     def round_logs(self, sctx: ServerContext, state: Payload) -> dict[str, list[dict[str, Any]]]:
         s = state.scalars
         row: dict[str, Any] = {"round": sctx.round, "delta": self.delta,
                                "accountant": self.accountant, "level": self.level,
-                               "clip": self.clip, "q": self.q,
-                               "participants": int(s["dp_participants_last"])}
+                               "clip": self.clip, "q": self.q, "base": self.base,
+                               "participants": int(s["dp_participants_last"]),
+                               "released": list(s.get("dp_released", []))}
+        logs = self._base.round_logs(sctx, state)
         if self.level == "record":
             eps = [float(e) for e in s["dp_client_epsilon"]]
             row.update(epsilon=max(eps), mechanism="DP-SGD per hospital (Opacus), max over clients",
@@ -236,7 +293,7 @@ class FedDP(Algorithm):
             per_client = [{"round": sctx.round, "client": c.name, "epsilon": eps[c.cid],
                            "delta": self.delta, "accountant": self.accountant}
                           for c in sctx.clients]
-            return {"privacy": [row], "privacy_clients": per_client}
+            return {**logs, "privacy": [row], "privacy_clients": per_client}
         assert self.sigma is not None
         row.update(sigma=self.sigma, noise=self.noise, expected_clients=self.q * len(sctx.clients))
         if self.noise == "central":
@@ -252,16 +309,19 @@ class FedDP(Algorithm):
             led = Ledger()
             led.step(sigma=self.sigma / 2, q=1.0, steps=worst)
             row.update(epsilon=led.epsilon(self.delta, self.accountant),
-                       mechanism="DP-FedAvg, client level, local noise: each client vs the "
-                                 "server (replace-one, sigma/2, no amplification), max over "
-                                 "clients")
-        return {"privacy": [row]}
+                       mechanism="client level, local noise: each client vs the server "
+                                 "(replace-one, sigma/2, no amplification), max over clients")
+        return {**logs, "privacy": [row]}
 
     def final_weights(self, state: Payload) -> dict[str, np.ndarray]:
         return self._base.final_weights(state)
 
-    def personal_weights(self, state: Payload, client_state: Payload) -> dict[str, np.ndarray]:
-        return self._base.personal_weights(state, client_state)
+    def personal_weights(self, client: ClientInfo, state: Payload,
+                         client_state: Payload) -> dict[str, np.ndarray]:
+        return self._base.personal_weights(client, state, client_state)
+
+    def local_keys(self, model: torch.nn.Module) -> set[str]:
+        return self._base.local_keys(model)
 
     # ---- client side ---------------------------------------------------------------------
     def fit(self, ctx: ClientContext, payload: Payload) -> Payload:
@@ -269,14 +329,9 @@ class FedDP(Algorithm):
             return Payload({}, {SKIP: True}, kind="control")
         if self.level == "record":
             return self._fit_record_level(ctx, payload)
-        out = self._base.fit(ctx, payload)
-        missing = [k for k in out.arrays if k not in payload.arrays]
-        if missing:
-            raise RuntimeError(f"feddp: the {self.base} client returned weights it never received "
-                               f"({missing[:3]}); cannot form an update")
-        delta = {k: (v.astype(np.float64) - payload.arrays[k]).astype(v.dtype)
-                 for k, v in out.arrays.items() if np.issubdtype(v.dtype, np.floating)}
-        clipped, norm = clip_arrays(delta, self.clip)
+        upload = self._base.fit(ctx, payload)
+        update = self._base.client_update(payload, upload)
+        clipped, norm = clip_arrays(update, self.clip)
         ctx.logs["update_norm"] = norm  # stays in the local log (see module docstring)
         kind = "clipped-update"
         if self.noise == "local":
@@ -284,31 +339,33 @@ class FedDP(Algorithm):
             clipped = add_gaussian_noise(clipped, self.sigma * self.clip,
                                          ctx.numpy_rng(_CLIENT_NOISE))
             kind = "noised-update"
-        return Payload(clipped, {"num_examples": out.scalars.get("num_examples", 0)}, kind=kind)
+        return Payload(clipped, dict(upload.scalars), kind=kind)
 
     def evaluate(self, ctx: ClientContext, payload: Payload) -> dict[str, dict[str, float]]:
         return self._base.evaluate(ctx, payload)
 
     def _fit_record_level(self, ctx: ClientContext, payload: Payload) -> Payload:
-        """DP-SGD (Opacus) from the received weights; the client's accountant lives in ctx.state."""
-        if self.base == "fedbn":
-            load_weights(ctx.model, payload.arrays)
-            load_weights(ctx.model, ctx.state.arrays)
-        else:
-            load_weights(ctx.model, payload.arrays)
-        ledger = Ledger.from_scalars(ctx.state.scalars)
-        logs, ledger = dp_sgd_train(
-            ctx, ledger=ledger, clip=self.clip, sigma=self.sigma,
-            target_epsilon=self.target_epsilon, target_rounds=self.target_rounds,
-            delta=self.delta, accountant=self.accountant)
-        ctx.logs.update(logs)
-        ctx.state.scalars.update(ledger.to_scalars())
-        weights = get_weights(ctx.model)
-        if self.base == "fedbn":
-            local_norm, weights = split_arrays(weights, norm_keys(ctx.model))
-            ctx.state.arrays = local_norm
-        return Payload(weights, {"num_examples": ctx.data.num_train, "epsilon": logs["epsilon"]},
-                       kind="weights")
+        """The base's own fit, trained with DP-SGD; the client's accountant lives in ctx.state."""
+        trainer = DPSGDTrainer(ledger=Ledger.from_scalars(ctx.state.scalars, CLIENT_LEDGER),
+                               clip=self.clip, sigma=self.sigma,
+                               target_epsilon=self.target_epsilon,
+                               target_rounds=self.target_rounds, delta=self.delta,
+                               accountant=self.accountant)
+        ctx.trainer = trainer
+        upload = self._base.fit(ctx, payload)
+        if trainer.calls == 0:
+            raise RuntimeError(f"feddp: {self.base!r} did not train through ctx.trainer, so "
+                               "DP-SGD never ran; its upload is not private")
+        eps = trainer.ledger.epsilon(self.delta, self.accountant)
+        ctx.state.scalars.update(trainer.ledger.to_scalars(CLIENT_LEDGER))
+        ctx.logs.update(epsilon=eps)
+        return Payload(upload.arrays, {**upload.scalars, "epsilon": eps}, kind=upload.kind)
+
+
+def extra_loss_terms(algorithm: Algorithm) -> list[str]:
+    """Loss terms a method adds to the task loss (declared by ``Algorithm.extra_loss_terms``)."""
+    terms = getattr(algorithm, "extra_loss_terms", ())
+    return list(terms() if callable(terms) else terms)
 
 
 def check_opacus_compatible(model: torch.nn.Module) -> None:
@@ -361,81 +418,79 @@ def records_of(dataset: Dataset) -> Dataset:
     return OneCropPerImage(dataset) if isinstance(dataset, SegmentationCrops) else dataset
 
 
-def dp_sgd_train(ctx: ClientContext, *, ledger: Ledger, clip: float, sigma: float | None,
-                 target_epsilon: float | None, target_rounds: int | None, delta: float,
-                 accountant: str) -> tuple[dict[str, float], Ledger]:
-    """``ctx.train.local_steps`` DP-SGD steps on ``ctx.model`` with Opacus (Poisson batches).
+class DPSGDTrainer(Trainer):
+    """DP-SGD with Opacus behind the ``ClientContext.trainer`` interface (record level).
 
-    The client's accountant history ``ledger`` goes into Opacus' accountant and comes back
-    extended by this round's steps. With ``target_epsilon`` the client picks its own sigma so
-    that ``target_rounds * local_steps`` steps at its sampling rate reach the target.
+    Each ``train`` call runs ``steps`` DP-SGD steps (default ``[train].local_steps``) through
+    the one loop (:func:`~histofed.algorithms.training.optimise`) on Poisson batches of records,
+    with per-record clipping to ``clip`` and noise ``sigma * clip``. The client's accountant
+    history ``ledger`` goes into Opacus' accountant and comes back extended. With
+    ``target_epsilon`` the client picks its own sigma so that ``target_rounds * local_steps``
+    steps at its sampling rate reach the target.
 
-    Raises:
+    Raises (from ``train``):
         PrivacyConfigError: delta >= 1 / (number of records of this client).
+        ConfigError: an extra loss term (it is not a sum over records).
         ClientTrainingError: the loss became NaN/inf.
     """
-    import warnings
 
-    from opacus import PrivacyEngine
-    from torch.utils.data import DataLoader
+    def __init__(self, *, ledger: Ledger, clip: float, sigma: float | None,
+                 target_epsilon: float | None, target_rounds: int | None, delta: float,
+                 accountant: str) -> None:
+        self.ledger, self.clip, self.sigma = ledger, clip, sigma
+        self.target_epsilon, self.target_rounds = target_epsilon, target_rounds
+        self.delta, self.accountant = delta, accountant
+        self.calls = 0
 
-    from histofed.tasks import make_optimizer
+    def train(self, ctx: ClientContext, model: torch.nn.Module | None = None, *,
+              extra_loss: ExtraLoss | None = None, steps: int | None = None) -> dict[str, float]:
+        import warnings
 
-    records = records_of(ctx.data.train)
-    n = len(records)
-    check_mechanism(delta=delta, population=n, where=_WHERE,
-                    unit=f"training records (images) of client {ctx.name!r}")
-    batch = min(ctx.train.batch_size, n)
-    q = 1.0 / math.ceil(n / batch)  # Opacus' sampling rate: 1 / len(loader)
-    if sigma is None:
-        assert target_epsilon is not None and target_rounds is not None
-        sigma = noise_for_epsilon(target_epsilon=target_epsilon, delta=delta, q=q,
-                                  steps=target_rounds * ctx.train.local_steps,
-                                  accountant=accountant)
-    loader = DataLoader(records, batch_size=batch, generator=ctx.torch_generator(11))
-    optimizer = make_optimizer(ctx.model, ctx.train)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "Secure RNG turned off")  # seeded on purpose
-        warnings.filterwarnings("ignore", "Full backward hook is firing")  # inputs need no grad
-        engine = PrivacyEngine(accountant=accountant)
-        engine.accountant.history = ledger.to_opacus()
-        model, optimizer, loader = engine.make_private(
-            module=ctx.model, optimizer=optimizer, data_loader=loader, noise_multiplier=sigma,
-            max_grad_norm=clip, poisson_sampling=True, noise_generator=ctx.torch_generator(12))
-        try:
-            total, steps = _dp_sgd_steps(ctx, model, optimizer, loader, records)
-        finally:
-            model._close()  # remove Opacus' hooks from ctx.model
-    ledger = Ledger.from_opacus(engine.accountant.history)
-    eps = ledger.epsilon(delta, accountant)
-    return {"loss": total / steps, "steps": steps, "epsilon": eps, "sigma": sigma,
-            "record_rate": q}, ledger
+        from opacus import PrivacyEngine
+        from torch.utils.data import DataLoader
 
+        if extra_loss is not None:
+            raise ConfigError(f"{_WHERE}: level = \"record\" cannot train an extra loss term "
+                              "(not a sum over records); turn it off in base_options")
+        model = model if model is not None else ctx.model
+        steps = steps or ctx.train.local_steps
+        records = records_of(ctx.data.train)
+        n = len(records)
+        check_mechanism(delta=self.delta, population=n, where=_WHERE,
+                        unit=f"training records (images) of client {ctx.name!r}")
+        batch = min(ctx.train.batch_size, n)
+        q = 1.0 / math.ceil(n / batch)  # Opacus' sampling rate: 1 / len(loader)
+        sigma = self.sigma
+        if sigma is None:
+            assert self.target_epsilon is not None and self.target_rounds is not None
+            sigma = noise_for_epsilon(target_epsilon=self.target_epsilon, delta=self.delta, q=q,
+                                      steps=self.target_rounds * ctx.train.local_steps,
+                                      accountant=self.accountant)
+        loader = DataLoader(records, batch_size=batch, generator=ctx.torch_generator(11))
+        optimizer = make_optimizer(model, ctx.train)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Secure RNG turned off")  # seeded on purpose
+            warnings.filterwarnings("ignore", "Full backward hook is firing")  # inputs need no grad
+            engine = PrivacyEngine(accountant=self.accountant)
+            engine.accountant.history = self.ledger.to_opacus()
+            private, optimizer, loader = engine.make_private(
+                module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=sigma,
+                max_grad_norm=self.clip, poisson_sampling=True,
+                noise_generator=ctx.torch_generator(12))
 
-def _dp_sgd_steps(ctx: ClientContext, model, optimizer, loader, records) -> tuple[float, int]:
-    """The DP-SGD loop: ``local_steps`` Poisson batches, new crops every pass over the records."""
-    from histofed.tasks import reseed
+            def step(batch):
+                inputs, target = batch
+                logits = ctx.task.forward(private, inputs)
+                if len(inputs) == 0:  # empty Poisson batch: a noise-only step, still accounted
+                    return logits.sum() * 0.0
+                return ctx.task.loss(logits, target)
 
-    model.train()
-    steps, total, epoch = 0, 0.0, 0
-    while steps < ctx.train.local_steps:
-        reseed(records, ctx.seed + 104729 * epoch)
-        for inputs, target in loader:
-            if steps >= ctx.train.local_steps:
-                break
-            optimizer.zero_grad(set_to_none=True)
-            logits = ctx.task.forward(model, inputs)
-            if len(inputs) == 0:  # empty Poisson batch: a noise-only step, still accounted
-                loss = logits.sum() * 0.0
-            else:
-                loss = ctx.task.loss(logits, target)
-                if not torch.isfinite(loss):
-                    raise ClientTrainingError(
-                        f"client {ctx.name!r}, round {ctx.round}, DP-SGD step {steps + 1}: loss is "
-                        f"{loss.item()} (lower [train].lr); its update is dropped this round")
-                total += loss.item()
-            loss.backward()
-            optimizer.step()
-            steps += 1
-        epoch += 1
-    return total, steps
+            try:
+                logs = optimise(steps, step, [optimizer], seed=ctx.seed,
+                                batches=passes(records, ctx.seed, lambda epoch: loader),
+                                where=f"{where(ctx)} (DP-SGD)", modules=[private])
+            finally:
+                private._close()  # remove Opacus' hooks from the model
+        self.ledger = Ledger.from_opacus(engine.accountant.history)
+        self.calls += 1
+        return {**logs, "sigma": sigma, "record_rate": q}

@@ -12,19 +12,18 @@ from dataclasses import dataclass
 
 import torch
 
-from histofed.algorithms.base import ClientContext, Payload
+from histofed.algorithms.base import ClientContext, Payload, register_algorithm
 from histofed.algorithms.fedavg import FedAvg
-from histofed.config import ConfigError
+from histofed.options import option
 
 
+@register_algorithm("fedprox")
 @dataclass
 class FedProx(FedAvg):
-    name = "fedprox"
-    mu: float = 0.01
+    mu: float = option(0.01, ge=0, help="weight of the proximal term")
 
-    def __post_init__(self) -> None:
-        if self.mu < 0:
-            raise ConfigError(f"[algorithm].mu must be >= 0 for fedprox, got {self.mu}")
+    def extra_loss_terms(self) -> list[str]:
+        return [f"the proximal term (mu = {self.mu})"] if self.mu else []
 
     def extra_loss(self, ctx: ClientContext, payload: Payload):
         if self.mu == 0:

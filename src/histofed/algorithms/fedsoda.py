@@ -59,7 +59,6 @@ lambda = 0.4 (this default); the reference's ``fusion_logic`` gives weight 0.6 t
 from __future__ import annotations
 
 import copy
-import json
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -70,7 +69,15 @@ import numpy as np
 import torch
 
 from histofed.algorithms.aggregate import weighted_mean
-from histofed.algorithms.base import Algorithm, ClientContext, Payload, ServerContext, evaluate_model
+from histofed.algorithms.base import (
+    Algorithm,
+    ClientContext,
+    ClientInfo,
+    Payload,
+    ServerContext,
+    evaluate_model,
+    register_algorithm,
+)
 from histofed.algorithms.fedavg import FedAvg
 from histofed.algorithms.stages import group_stages, key_stages, stage_features, unet_stage_prefixes
 from histofed.algorithms.training import local_train
@@ -78,7 +85,6 @@ from histofed.algorithms.weights import get_weights, load_weights
 from histofed.config import ConfigError
 
 BANK, PERSONAL, TEACHER = "bank/", "personal/", "teacher/"  # model keys never contain "/"
-LOG_KEY = "fedsoda_log"
 
 
 # ---- pure math (numpy / torch, no state) ------------------------------------------------------
@@ -213,6 +219,7 @@ def intensity_stats(dataset, *, client: str) -> tuple[float, float]:
 
 
 # ---- the method -------------------------------------------------------------------------------
+@register_algorithm("fedsoda")
 @dataclass
 class FedSODA(FedAvg):
     """FedSODA; the equations are in the module docstring.
@@ -226,7 +233,6 @@ class FedSODA(FedAvg):
         0.6
     """
 
-    name = "fedsoda"
     so: bool = True
     da: bool = True
     lsc: bool = True
@@ -271,6 +277,10 @@ class FedSODA(FedAvg):
     def fusing(self) -> bool:
         return self.so or self.da
 
+    @property
+    def mean_aggregation(self) -> bool:  # type: ignore[override]
+        return not self.fusing  # the fusion is not a mean of updates
+
     # ---- server ----------------------------------------------------------------------------
     def _split(self, model: torch.nn.Module) -> tuple[list[torch.nn.Module], dict[str, int]]:
         """Hook modules (last block of each stage group) and the stage of every key."""
@@ -280,8 +290,7 @@ class FedSODA(FedAvg):
         return hooks, key_stages(model, prefixes, groups)
 
     def _model(self, sctx: ServerContext) -> torch.nn.Module:
-        with torch.random.fork_rng(devices=[]):  # building draws init weights; keep global RNG
-            return sctx.build_model(None)
+        return sctx.build_model(None)  # the shared architecture (FedAvg.init_state checks it)
 
     def init_state(self, sctx: ServerContext, init_weights: dict[str, np.ndarray]) -> Payload:
         if self.fusing:  # fail before any training: wrong model, too many stages, bad size
@@ -364,7 +373,8 @@ class FedSODA(FedAvg):
         if self.so:
             log["stats"] = {names.get(c, str(c)): [results[c].scalars["mu"], results[c].scalars["sigma"]]
                             for c in cids}
-        return Payload(new_arrays, {**state.scalars, LOG_KEY: json.dumps(log)}, kind="state")
+        sctx.log("fedsoda", log)
+        return Payload(new_arrays, dict(state.scalars), kind="state")
 
     def _draw_banks(self, sctx: ServerContext, state: Payload, results: dict[int, Payload],
                     names: dict[int, str]) -> dict[int, np.ndarray]:
@@ -417,17 +427,12 @@ class FedSODA(FedAvg):
                     sim[i, j] = [cosine(flat[i][l], flat[j][l]) for l in range(num_stages)]
         return sim
 
-    def round_logs(self, sctx: ServerContext, state: Payload) -> dict[str, list[dict[str, Any]]]:
-        if not self.fusing or LOG_KEY not in state.scalars:
-            return {}
-        return {"fedsoda": [json.loads(str(state.scalars[LOG_KEY]))]}
-
     def final_weights(self, state: Payload) -> dict[str, np.ndarray]:
         return self._global(state)
 
-    def personal_weights(self, state: Payload, client_state: Payload) -> dict[str, np.ndarray]:
-        cid = client_state.scalars.get("cid")
-        return self._personal(state, int(cid)) if self.personalised and cid is not None else {}
+    def personal_weights(self, client: ClientInfo, state: Payload,
+                         client_state: Payload) -> dict[str, np.ndarray]:
+        return self._personal(state, client.cid) if self.personalised else {}
 
     # ---- client ----------------------------------------------------------------------------
     def fit(self, ctx: ClientContext, payload: Payload) -> Payload:
@@ -439,9 +444,10 @@ class FedSODA(FedAvg):
         scalars: dict[str, Any] = {"num_examples": ctx.data.num_train}
         if self.so:
             scalars["mu"], scalars["sigma"] = intensity_stats(ctx.data.train, client=ctx.name)
-        if self.personalised:
-            ctx.state.scalars["cid"] = ctx.cid  # so personal_weights finds this site's theta_hat
         return Payload(get_weights(ctx.model), scalars, kind="weights")
+
+    def extra_loss_terms(self) -> list[str]:
+        return ["the self-consistency loss L_sc (lsc = true)"] if self.lsc else []
 
     def extra_loss(self, ctx: ClientContext, payload: Payload):
         if not self.lsc or ctx.round < self.lsc_from_round:

@@ -35,13 +35,14 @@ def run_experiment(config: Config, *, data_root: Path | None, run_dir: Path,
     from histofed.engine.inprocess import InProcessTransport
     from histofed.engine.loop import Experiment
 
+    # the client side holds the data; the server side (Experiment) gets only the roster
     federation = federation or load_federation(config, data_root)
-    experiment = Experiment(config, federation, run_dir)
-    if not resume:
-        experiment.write_header("inprocess")
-        experiment._write_run_json(data_root=str(data_root) if data_root else None)
     transport = InProcessTransport(config, federation, config.run.workers)
     try:
+        experiment = Experiment(config, transport.roster, run_dir)
+        if not resume:
+            experiment.write_header("inprocess")
+            experiment._write_run_json(data_root=str(data_root) if data_root else None)
         return experiment.run(transport, resume=resume, engine="inprocess", stop_after=stop_after,
                               header_written=True)
     finally:

@@ -9,8 +9,10 @@ SuperNode per hospital; see deploy/flower-app)::
 Wire protocol (records: see flower_records.py):
 
 1. handshake, once: a "query" message to every node carries the run's config (TOML text) and
-   data root; each node answers with its ``partition-id`` (node config). Client ``cid`` always
-   runs on the node whose partition-id is ``cid``, because its private state lives there.
+   data root; each node answers with its ``partition-id`` (node config), the number and names
+   of the clients its config defines, and its roster entry (``ClientInfo``: sizes, task, model
+   spec), which is all the server ever learns of a site. Client ``cid`` always runs on the node
+   whose partition-id is ``cid``, because its private state lives there.
 2. per job: a "train" (fit) or "evaluate" message carries the job (kind, cid, round, config
    fingerprint) and the payload; the reply carries the result payload or metrics, the local
    training log and an error string, if any.
@@ -41,7 +43,7 @@ from flwr.clientapp import ClientApp  # noqa: E402
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
 
 from histofed.algorithms import ALGORITHMS  # noqa: E402
-from histofed.algorithms.base import Payload  # noqa: E402
+from histofed.algorithms.base import ClientInfo, Payload  # noqa: E402
 from histofed.config import Config, ConfigError, config_from_dict, dump_toml  # noqa: E402
 from histofed.data.federation import Federation, build_federation  # noqa: E402
 from histofed.engine import rundir  # noqa: E402
@@ -90,16 +92,20 @@ def check_flower_supported(config: Config) -> None:
 class FlowerTransport:
     """Runs client jobs on Flower nodes through a Grid (simulation or deployment).
 
+    The handshake is how the server learns the sites: each node answers with its
+    ``partition-id``, the number of clients and their names as its copy of the config defines
+    them, and its own roster entry (read off its own data). The server never reads data.
+
     Args:
         grid: the ServerApp's Grid.
-        client_names: the federation's clients; client ``cid`` runs on the node whose
-            ``partition-id`` is ``cid``.
         config_text: the run's config as TOML text (sent to every node in the handshake).
-        data_root: data root the nodes use unless their node config sets ``data-root``.
+        data_root: data root the nodes use unless their node config sets ``data-root`` (then
+            ``$HISTOFED_DATA`` on the node); "" = the server knows of no data at all.
         run_dir: where to note (in ``flower.json``) which clients keep private state, so a
             later resume can refuse to lose it; None to skip.
         node_wait: seconds to wait for enough nodes to connect.
         timeout: seconds to wait for the replies of one batch of jobs (None: no limit).
+        expected: number of clients (None: as the first node to answer reports it).
 
     Raises:
         RunError: too few nodes, a node without a usable partition-id, two nodes with the same
@@ -108,55 +114,72 @@ class FlowerTransport:
 
     keeps_state = False  # private client state stays on the nodes
 
-    def __init__(self, grid: Grid, client_names: list[str], *, config_text: str,
-                 data_root: str | Path | None = None, run_dir: Path | None = None,
-                 node_wait: float = 300.0, timeout: float | None = None) -> None:
+    def __init__(self, grid: Grid, *, config_text: str, data_root: str | Path | None = None,
+                 run_dir: Path | None = None, node_wait: float = 300.0,
+                 timeout: float | None = None, expected: int | None = None) -> None:
         self.grid = grid
-        self.names = list(client_names)
         self.config_text = config_text
         self.sha = rec.config_sha(config_text)
         self.data_root = str(data_root) if data_root else ""
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.timeout = timeout or None
         self.with_state: set[str] = set()
-        self.node_of: dict[int, int] = self._handshake(node_wait)  # cid -> node id
+        self.roster: list[ClientInfo] = []
+        self.node_of: dict[int, int] = self._handshake(node_wait, expected)  # cid -> node id
+        self.names = [c.name for c in self.roster]
 
     # -- handshake
-    def _wait_for_nodes(self, node_wait: float) -> list[int]:
-        deadline = time.monotonic() + node_wait
+    def _nodes(self, enough: int, deadline: float) -> list[int]:
         while True:
             nodes = sorted(self.grid.get_node_ids())
-            if len(nodes) >= len(self.names) or time.monotonic() > deadline:
-                break
+            if len(nodes) >= enough or time.monotonic() > deadline:
+                return nodes
             time.sleep(0.2)
-        if len(nodes) < len(self.names):
-            raise RunError(
-                f"only {len(nodes)} of {len(self.names)} Flower nodes connected within "
-                f"{node_wait:.0f} s; start one SuperNode per client with --node-config "
-                f"\"partition-id=K\" (K = 0..{len(self.names) - 1}; clients: {self.names})")
-        return nodes
 
-    def _handshake(self, node_wait: float) -> dict[int, int]:
-        nodes = self._wait_for_nodes(node_wait)
-        messages = []
-        for node in nodes:
-            content = RecordDict()
-            content[RUN] = ConfigRecord({"config": self.config_text, "config-sha": self.sha,
-                                         "data-root": self.data_root})
-            messages.append(Message(content, dst_node_id=node, message_type=MessageType.QUERY))
-        replies = self._exchange(messages, {n: f"node {n}" for n in nodes}, "handshake")
+    def _query(self, node: int) -> Message:
+        content = RecordDict()
+        content[RUN] = ConfigRecord({"config": self.config_text, "config-sha": self.sha,
+                                     "data-root": self.data_root})
+        return Message(content, dst_node_id=node, message_type=MessageType.QUERY)
+
+    def _handshake(self, node_wait: float, expected: int | None) -> dict[int, int]:
+        deadline = time.monotonic() + node_wait
+        if expected is None:  # ask the first node how many sites the config defines
+            first = self._nodes(1, deadline)[:1]
+            if not first:
+                raise RunError(f"no Flower node connected within {node_wait:.0f} s; start one "
+                               "SuperNode per client with --node-config \"partition-id=K\"")
+            reply = self._exchange([self._query(first[0])], {first[0]: f"node {first[0]}"},
+                                   "handshake")[first[0]]
+            expected = int(reply.content[RUN]["num-clients"])
+        nodes = self._nodes(expected, deadline)
+        if len(nodes) < expected:
+            raise RunError(
+                f"only {len(nodes)} of {expected} Flower nodes connected within "
+                f"{node_wait:.0f} s; start one SuperNode per client with --node-config "
+                f"\"partition-id=K\" (K = 0..{expected - 1})")
+        replies = self._exchange([self._query(n) for n in nodes],
+                                 {n: f"node {n}" for n in nodes}, "handshake")
         node_of: dict[int, int] = {}
+        roster: dict[int, ClientInfo] = {}
+        names: list[str] = []
         for node in nodes:
-            pid = int(replies[node].content[RUN]["partition-id"])
+            run = replies[node].content[RUN]
+            pid = int(run["partition-id"])
+            names = [str(n) for n in run["client-names"]]
             if pid in node_of:
                 raise RunError(f"Flower nodes {node_of[pid]} and {node} both have partition-id "
                                f"{pid}; give every SuperNode its own --node-config partition-id")
             node_of[pid] = node
-        missing = [f"{cid} ({name})" for cid, name in enumerate(self.names) if cid not in node_of]
+            if "roster" in run:  # absent when the partition-id is out of range (reported below)
+                roster[pid] = ClientInfo.from_scalars(dict(run))
+        missing = [f"{cid} ({names[cid] if cid < len(names) else '?'})" for cid in range(expected)
+                   if cid not in node_of]
         if missing:
             raise RunError(f"no Flower node has partition-id {', '.join(missing)}; node "
                            f"partition-ids: {sorted(node_of)}")
-        return {cid: node_of[cid] for cid in range(len(self.names))}
+        self.roster = [roster[cid] for cid in range(expected)]
+        return {cid: node_of[cid] for cid in range(expected)}
 
     # -- jobs
     def run(self, jobs: list[ClientJob], desc: str = "clients") -> list[JobResult]:
@@ -320,15 +343,15 @@ def serve(grid: Grid, spec: RunSpec) -> Payload:
     spec = dataclasses.replace(spec, config_text=dump_toml(config.to_dict()))
     check_flower_supported(config)
     run_dir = prepare_run_dir(spec.run_dir, config, resume=spec.resume)
-    federation = cached_federation(config, spec.data_root)
-    experiment = Experiment(config, federation, run_dir)
-    if not spec.resume:
-        experiment.write_header("flower")
-        experiment._write_run_json(data_root=spec.data_root or None)
+    # the server learns the sites from the handshake; it never builds their data
     transport = FlowerTransport(
-        grid, federation.client_names, config_text=spec.config_text, data_root=spec.data_root,
-        run_dir=run_dir, node_wait=spec.node_wait, timeout=spec.round_timeout or None)
+        grid, config_text=spec.config_text, data_root=spec.data_root, run_dir=run_dir,
+        node_wait=spec.node_wait, timeout=spec.round_timeout or None)
     try:
+        experiment = Experiment(config, transport.roster, run_dir)
+        if not spec.resume:
+            experiment.write_header("flower")
+            experiment._write_run_json(data_root=spec.data_root or None)
         return experiment.run(transport, resume=spec.resume, engine="flower",
                               stop_after=spec.stop_after or None, header_written=True)
     finally:
@@ -367,13 +390,18 @@ def client_handshake(msg: Message, context: Context) -> Message:
         raise ValueError(f"this SuperNode's node config has partition-id={pid!r}; start it with "
                          "--node-config \"partition-id=K\" (K = the client's index, 0-based)")
     run = msg.content[RUN]
-    data_root = str(context.node_config.get("data-root", "") or run["data-root"])
+    data_root = str(context.node_config.get("data-root", "") or run["data-root"]
+                    or os.environ.get("HISTOFED_DATA", ""))
     context.state[RUN] = ConfigRecord({"config": str(run["config"]),
                                        "config-sha": str(run["config-sha"]),
                                        "data-root": data_root, "cid": int(pid)})
-    client_runtime(str(run["config"]), data_root)  # data problems surface now, named by node
+    runtime = client_runtime(str(run["config"]), data_root)  # data problems surface now
+    names = runtime.federation.client_names
     reply = RecordDict()
-    reply[RUN] = ConfigRecord({"partition-id": int(pid)})
+    record = {"partition-id": int(pid), "num-clients": len(names), "client-names": names}
+    if 0 <= int(pid) < len(names):  # this site's roster entry: what it tells the coordinator
+        record.update(runtime.roster([int(pid)])[0].to_scalars())
+    reply[RUN] = ConfigRecord(record)
     return Message(reply, reply_to=msg)
 
 
@@ -443,6 +471,7 @@ def run_flower_simulation(config: Config, *, data_root: Path | str | None, run_d
                    data_root=str(data_root) if data_root else "", resume=resume,
                    stop_after=stop_after or 0, node_wait=60.0)
     prepare_run_dir(run_dir, config, resume=resume)  # fail before Ray starts
+    # the launcher (not the ServerApp) counts the virtual SuperNodes to start
     n_clients = len(cached_federation(config, spec.data_root).clients)
     actors = max(1, min(num_cpus or config.run.workers or default_workers(), n_clients))
     context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(),

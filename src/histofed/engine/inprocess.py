@@ -1,6 +1,8 @@
 """The embedded engine: clients run in this machine's worker processes (or in sequence).
 
-Each worker process holds one ClientRuntime (the federation is sent once, at start) and uses
+The transport is the client side: it holds the federation (the sites' data) and tells the
+server side (:class:`~histofed.engine.loop.Experiment`) only each site's roster entry. Each
+worker process holds one ClientRuntime (the federation is inherited once, at start) and uses
 one torch thread, so ``workers`` clients train at once on ``workers`` cores. Jobs carry the
 client's private state in and out; results do not depend on ``workers`` because every job
 builds its model afresh and draws randomness from (seed, round, client) only.
@@ -15,6 +17,7 @@ from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 import torch
 from tqdm.auto import tqdm
 
+from histofed.algorithms.base import ClientInfo
 from histofed.config import Config
 from histofed.data.federation import Federation
 from histofed.engine.runtime import ClientJob, ClientRuntime, JobResult
@@ -22,11 +25,11 @@ from histofed.engine.runtime import ClientJob, ClientRuntime, JobResult
 _RUNTIME: ClientRuntime | None = None
 
 
-def _init_worker(config: Config, federation: Federation) -> None:
+def _init_worker(runtime: ClientRuntime) -> None:
     global _RUNTIME
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # a worker process: its own thread settings
     torch.set_num_interop_threads(1)
-    _RUNTIME = ClientRuntime(config, federation)
+    _RUNTIME = runtime
 
 
 def _run_job(job: ClientJob) -> JobResult:
@@ -39,35 +42,37 @@ def default_workers() -> int:
 
 
 class InProcessTransport:
-    """Runs client jobs here: in ``workers`` processes, or sequentially when ``workers == 1``."""
+    """Runs client jobs here: in ``workers`` processes, or sequentially when ``workers == 1``.
+
+    While it is open, this process uses one torch thread too (the server side's aggregation,
+    and the clients when ``workers == 1``): the same float results whatever the number of
+    workers, and no oversubscribed cores. ``close`` restores the caller's thread setting.
+    """
 
     keeps_state = True  # the engine carries each client's private state in the jobs
 
     def __init__(self, config: Config, federation: Federation, workers: int = 0) -> None:
         self.workers = max(1, min(workers or default_workers(), len(federation.clients)))
         self._pool: ProcessPoolExecutor | None = None
-        self._local: ClientRuntime | None = None
-        # The server side (aggregation, FedSODA's cross-assessment) also uses one thread: the
-        # same float results whatever the number of workers, and no oversubscribed cores.
+        self._threads = torch.get_num_threads()
         torch.set_num_threads(1)
-        if self.workers == 1:
-            self._local = ClientRuntime(config, federation)
-        else:
+        self._local = ClientRuntime(config, federation)
+        self.roster: list[ClientInfo] = self._local.roster()  # what the sites tell the server
+        if self.workers > 1:
             self._pool = ProcessPoolExecutor(
                 max_workers=self.workers, mp_context=_mp_context(),
-                initializer=_init_worker, initargs=(config, federation))
+                initializer=_init_worker, initargs=(self._local,))
 
     def run(self, jobs: list[ClientJob], desc: str = "clients") -> list[JobResult]:
         """Run jobs, biggest first (so the slowest client does not start last)."""
         bar = tqdm(total=len(jobs), desc=desc, leave=False, unit="client", dynamic_ncols=True)
         results: dict[int, JobResult] = {}
         try:
-            if self._local is not None:
+            if self._pool is None:
                 for i, job in enumerate(jobs):
                     results[i] = self._local.run(job)
                     bar.update()
             else:
-                assert self._pool is not None
                 futures: dict[Future, int] = {}
                 order = sorted(range(len(jobs)), key=lambda i: -jobs[i].cost)
                 for i in order:
@@ -83,6 +88,7 @@ class InProcessTransport:
         if self._pool is not None:
             self._pool.shutdown(cancel_futures=True)
             self._pool = None
+        torch.set_num_threads(self._threads)
 
 
 def _mp_context():

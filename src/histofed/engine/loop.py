@@ -18,17 +18,24 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from histofed.algorithms import build_algorithm
 from histofed.algorithms.aggregate import non_finite_keys
-from histofed.algorithms.base import ClientInfo, Payload, ServerContext
+from histofed.algorithms.base import ClientInfo, Payload, ServerContext, require_same_architecture
+from histofed.algorithms.training import Trainer
 from histofed.algorithms.weights import get_weights
 from histofed.config import Config, dump_toml
-from histofed.data.federation import Federation
 from histofed.engine import rundir
-from histofed.engine.runtime import POOLED, ClientJob, ClientRuntime, JobResult
+from histofed.engine.runtime import POOLED, ClientJob, JobResult
+from histofed.models import build_model, init_seed
+from histofed.tasks import make_task
 
 
 class Transport(Protocol):
+    """Where client jobs run (worker processes here, Flower nodes there); also the only way the
+    server learns the sites: ``roster``, one entry per client, told by the sites themselves."""
+
     keeps_state: bool
+    roster: list[ClientInfo]
 
     def run(self, jobs: list[ClientJob], desc: str = ...) -> list[JobResult]: ...
 
@@ -39,32 +46,46 @@ class RunError(RuntimeError):
     """The run cannot continue; the message says what is intact and how to resume."""
 
 
-def dataset_nbytes(dataset) -> int:
-    """Bytes of raw data a dataset holds (what pooling it would move off-site)."""
-    if hasattr(dataset, "datasets"):
-        return sum(dataset_nbytes(d) for d in dataset.datasets)
-    total = 0
-    for attr in ("images", "masks", "features"):
-        items = getattr(dataset, attr, None)
-        if items is not None:
-            total += sum(np.asarray(x).nbytes for x in items)
-    if total == 0 and len(dataset):
-        first = dataset[0]
-        total = len(dataset) * sum(np.asarray(x).nbytes for x in first)
-    return int(total)
+class ServerModels:
+    """The server's model factory, from the roster only: client ``cid``'s architecture, or the
+    one all clients share (None). Initial weights come from (run seed, client or "global")."""
+
+    def __init__(self, config: Config, roster: list[ClientInfo]) -> None:
+        self.seed = config.run.seed
+        self.roster = {c.cid: c for c in roster}
+        self.num_classes = roster[0].num_classes
+        self.shared = len({json.dumps(c.model, sort_keys=True) for c in roster}) == 1
+
+    def __call__(self, cid: int | None = None) -> torch.nn.Module:
+        if cid is None or cid == POOLED:
+            if not self.shared:
+                sctx = ServerContext(0, self.seed, list(self.roster.values()), self)
+                require_same_architecture(sctx, "this method")  # raises, naming the clients
+            spec, seed = next(iter(self.roster.values())).model, init_seed(self.seed, "global")
+        else:
+            spec, seed = self.roster[cid].model, init_seed(self.seed, cid)
+        return build_model(spec, num_classes=self.num_classes, seed=seed)
 
 
 class Experiment:
-    """One federated run into one run directory (new, or resumed from its last checkpoint)."""
+    """One federated run into one run directory (new, or resumed from its last checkpoint).
 
-    def __init__(self, config: Config, federation: Federation, run_dir: Path) -> None:
+    The server side of every engine. It knows the sites only by their roster entries (what
+    each site told it) and by what the method uploads; it never builds a dataset.
+    """
+
+    def __init__(self, config: Config, roster: list[ClientInfo], run_dir: Path) -> None:
+        if not roster:
+            raise RunError("no clients: the federation yielded an empty roster")
         self.config = config
-        self.federation = federation
         self.run_dir = Path(run_dir)
-        self.runtime = ClientRuntime(config, federation)  # server-side model factory + algorithm
-        self.algorithm = self.runtime.algorithm
+        self.clients = list(roster)
+        self.algorithm = build_algorithm(config.algorithm)
+        self.models = ServerModels(config, self.clients)
+        first = self.clients[0]
+        self.task = make_task(first.task, config.train, first.num_classes,
+                              int(first.facts.get("crop_size", 128)))
         self.rounds = 1 if self.algorithm.one_shot else config.run.rounds
-        self.clients = [ClientInfo(i, c.name, c.num_train) for i, c in enumerate(federation.clients)]
         self.names = {c.cid: c.name for c in self.clients} | {POOLED: "pooled"}
         self.tensorboard = None
         if config.run.tensorboard:
@@ -80,12 +101,17 @@ class Experiment:
     # ---- setup -----------------------------------------------------------------------------
     def server_context(self, rnd: int, clients: list[ClientInfo] | None = None) -> ServerContext:
         return ServerContext(round=rnd, seed=self.config.run.seed, clients=clients or self.clients,
-                             build_model=self.runtime.build_model, rounds=self.rounds)
+                             build_model=self.models, rounds=self.rounds, task=self.task,
+                             trainer=Trainer())
 
     def initial_state(self) -> Payload:
-        torch.manual_seed(self.config.run.seed)
-        init = get_weights(self.runtime.build_model(None))
-        return self.algorithm.init_state(self.server_context(0), init)
+        """The method's initial state; initial weights of the shared architecture (none when
+        clients differ: each then starts from its own seeded initialisation)."""
+        init = get_weights(self.models(None)) if self.models.shared else {}
+        sctx = self.server_context(0)
+        state = self.algorithm.init_state(sctx, init)
+        self._write_logs(sctx)
+        return state
 
     def write_header(self, engine: str) -> None:
         rundir.atomic_write_text(self.run_dir / "config.toml", dump_toml(self.config.to_dict()))
@@ -95,9 +121,10 @@ class Experiment:
         path = self.run_dir / "run.json"
         info = json.loads(path.read_text()) if path.exists() else {
             "name": self.config.run.name, "algorithm": self.config.algorithm.name,
-            "federation": self.federation.name, "model": self.config.model.name,
+            "federation": self.config.federation.name, "model": self.config.model.name,
             "seed": self.config.run.seed, "rounds": self.rounds,
-            "clients": [c.name for c in self.clients], "task": self.federation.task}
+            "clients": [c.name for c in self.clients], "task": self.clients[0].task,
+            "roster": [dataclasses.asdict(c) for c in self.clients]}
         info.update(updates)
         rundir.atomic_write_text(path, json.dumps(info, indent=2))
 
@@ -152,7 +179,7 @@ class Experiment:
         # a copy, so a job cannot change the stored state in place (same with 1 or N workers)
         return [ClientJob(kind, cid, rnd, p,
                           states[self.names[cid]].copy() if keeps_state and cid != POOLED else None,
-                          cost=float(self.runtime.client_data(cid).num_train) if cid != POOLED else 0)
+                          cost=float(self._num_train(cid)))
                 for cid, p in sorted(payloads.items())]
 
     def _fit_round(self, transport: Transport, rnd: int, state: Payload,
@@ -167,9 +194,9 @@ class Experiment:
         results = transport.run(self._jobs("fit", rnd, payloads, states, transport.keeps_state),
                                 desc=f"round {rnd} fit")
         egress, lines, ok = [], [], {}
-        if self.algorithm.pooled and rnd == 1:
-            egress += [self._egress(rnd, c.name, "up", "raw-data", dataset_nbytes(d.train), "fit")
-                       for c, d in zip(self.clients, self.federation.clients, strict=True)]
+        if self.algorithm.pooled and rnd == 1:  # what pooling moved: each site's raw training data
+            egress += [self._egress(rnd, c.name, "up", "raw-data", int(c.facts.get("raw_bytes", 0)),
+                                    "fit") for c in self.clients]
         for res in results:
             name = self.names[res.cid]
             egress += self._payload_egress(rnd, name, "down", payloads[res.cid], "fit")
@@ -200,8 +227,19 @@ class Experiment:
     def _aggregate(self, sctx: ServerContext, state: Payload, ok: dict[int, Payload]) -> Payload:
         state = self.algorithm.aggregate(sctx, state, ok)
         for stem, rows in self.algorithm.round_logs(sctx, state).items():
-            rundir.append_jsonl(self.run_dir / f"{stem}.jsonl", rows)
+            sctx.logs.setdefault(stem, []).extend(rows)
+        self._write_logs(sctx)
         return state
+
+    def _write_logs(self, sctx: ServerContext) -> None:
+        for stem, rows in sctx.logs.items():
+            rundir.append_jsonl(self.run_dir / f"{stem}.jsonl", rows)
+        sctx.logs.clear()
+
+    def _num_train(self, cid: int) -> int:
+        if cid == POOLED:
+            return sum(c.num_train for c in self.clients)
+        return self.models.roster[cid].num_train
 
     def _evaluate_round(self, transport: Transport, rnd: int, state: Payload,
                         states: dict[str, Payload]) -> str:
@@ -217,11 +255,10 @@ class Experiment:
                 model, split = key.split("/")
                 lines.append({"round": rnd, "client": name, "split": split, "model": model, **metrics})
                 if split == "test":
-                    scores.append(metrics.get("dice", metrics.get("balanced_accuracy", np.nan)))
+                    scores.append(metrics.get(self.task.headline, np.nan))
         self._log_metrics(lines)
         rundir.append_jsonl(self.run_dir / "egress.jsonl", egress)
-        metric = "dice" if self.federation.task == "segmentation" else "bal.acc"
-        return f"test {metric} {np.nanmean(scores):.3f}" if scores else ""
+        return f"test {self.task.headline} {np.nanmean(scores):.3f}" if scores else ""
 
     def _payload_egress(self, rnd: int, name: str, direction: str, payload: Payload | None,
                         phase: str) -> list[dict]:
@@ -240,10 +277,12 @@ class Experiment:
         weights = self.algorithm.final_weights(state)
         if weights:
             rundir.save_payload(final / "global", Payload(weights, {}, "weights"))
-        for name, client_state in states.items():
-            personal = self.algorithm.personal_weights(state, client_state)
+        for client in self.clients:  # the same files whether the engine holds client states
+            client_state = states.get(client.name, Payload(kind="state"))
+            personal = self.algorithm.personal_weights(client, state, client_state)
             if personal:
-                rundir.save_payload(final / "personal" / name, Payload(personal, {}, "weights"))
+                rundir.save_payload(final / "personal" / client.name,
+                                    Payload(personal, {}, "weights"))
 
 
 def config_with(config: Config, **run_updates) -> Config:

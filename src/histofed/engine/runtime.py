@@ -1,23 +1,29 @@
-"""The client side of every engine: turns a job (round, client, payload) into a result by
-calling the algorithm's client part. One ClientRuntime lives in each process that trains
-clients (a worker process, a Flower ClientApp, or the main process when workers = 1)."""
+"""The client side of every engine: a site's roster entry, and jobs (round, client, payload)
+turned into results by calling the algorithm's client part.
+
+One ClientRuntime lives wherever client data lives: a worker process of the in-process engine
+(or the main process when workers = 1), a Flower ClientApp on a SuperNode. It is the only
+place that builds datasets. The server side learns each site from :meth:`ClientRuntime.roster`
+(in-process) or from the Flower handshake, which sends the same entries.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch.utils.data import ConcatDataset
 
 from histofed.algorithms import build_algorithm
-from histofed.algorithms.base import ClientContext, ClientTrainingError, Payload
+from histofed.algorithms.base import ClientContext, ClientInfo, ClientTrainingError, Payload
+from histofed.algorithms.training import Trainer
 from histofed.config import Config
 from histofed.data.federation import ClientData, Federation
-from histofed.models import build_model
+from histofed.models import build_model, client_model_spec, init_seed
 from histofed.tasks import make_task
 
 POOLED = -1  # cid of the centralised baseline's pooled "client"
@@ -56,12 +62,27 @@ def crop_size_of(config: Config, federation: Federation) -> int:
     return int(federation.info.get("crop_size", config.federation.options.get("crop_size", 128)))
 
 
-def model_defaults(federation: Federation) -> dict:
-    """Architecture facts that come from the data (e.g. feature dimension of MIL bags)."""
-    if federation.task == "mil":
-        features, _ = federation.clients[0].train[0]
+def data_model_defaults(task: str, client: ClientData) -> dict[str, Any]:
+    """Architecture facts that come from a site's own data (e.g. the feature size of MIL bags)."""
+    if task == "mil":
+        features, _ = client.train[0]
         return {"in_dim": int(features.shape[-1])}
     return {}
+
+
+def dataset_nbytes(dataset) -> int:
+    """Bytes of raw data a dataset holds (what pooling it would move off-site)."""
+    if hasattr(dataset, "datasets"):
+        return sum(dataset_nbytes(d) for d in dataset.datasets)
+    total = 0
+    for attr in ("images", "masks", "features"):
+        items = getattr(dataset, attr, None)
+        if items is not None:
+            total += sum(np.asarray(x).nbytes for x in items)
+    if total == 0 and len(dataset):
+        first = dataset[0]
+        total = len(dataset) * sum(np.asarray(x).nbytes for x in first)
+    return int(total)
 
 
 def pooled_client(federation: Federation) -> ClientData:
@@ -74,8 +95,28 @@ def pooled_client(federation: Federation) -> ClientData:
     )
 
 
+def roster_entry(config: Config, federation: Federation, cid: int) -> ClientInfo:
+    """What site ``cid`` tells the coordinator about itself (read off its own data)."""
+    client = federation.clients[cid]
+    spec = client_model_spec(config.model, client=client.name, cid=cid, seed=config.run.seed,
+                             defaults=data_model_defaults(federation.task, client))
+    sizes = {"train": client.num_train, "test": len(client.test),
+             "val": len(client.val) if client.val is not None else 0}
+    facts = {"crop_size": crop_size_of(config, federation),
+             "raw_bytes": dataset_nbytes(client.train)}
+    return ClientInfo(cid=cid, name=client.name, num_train=client.num_train,
+                      task=federation.task, num_classes=federation.num_classes, model=spec,
+                      sizes=sizes, facts=facts)
+
+
 class ClientRuntime:
-    """Runs client jobs for one experiment: builds the model, context and calls the algorithm."""
+    """Runs client jobs for one experiment: builds the model, context and calls the algorithm.
+
+    Args:
+        config: the run's config (the same on every site).
+        federation: the data this runtime serves (in-process: every client's; on a Flower
+            node: the federation as the node's data root yields it).
+    """
 
     def __init__(self, config: Config, federation: Federation) -> None:
         self.config = config
@@ -83,12 +124,26 @@ class ClientRuntime:
         self.algorithm = build_algorithm(config.algorithm)
         self.task = make_task(federation.task, config.train, federation.num_classes,
                               crop_size_of(config, federation))
-        self._defaults = model_defaults(federation)
+        self._roster: dict[int, ClientInfo] = {}
 
-    def build_model(self, cid: int | None = None) -> torch.nn.Module:
-        """This client's architecture (all clients share one until per-client models exist)."""
-        return build_model(self.config.model, num_classes=self.federation.num_classes,
-                           **self._defaults)
+    def roster(self, cids: list[int] | None = None) -> list[ClientInfo]:
+        """The roster entries of ``cids`` (default: every client this runtime serves)."""
+        cids = list(range(len(self.federation.clients))) if cids is None else cids
+        for cid in cids:
+            if cid not in self._roster:
+                self._roster[cid] = roster_entry(self.config, self.federation, cid)
+        return [self._roster[c] for c in cids]
+
+    def model_spec(self, cid: int) -> dict[str, Any]:
+        """Client ``cid``'s resolved model spec (the pooled baseline: client 0's; it requires
+        one architecture for all, like every weight-averaging method)."""
+        return self.roster([max(cid, 0)])[0].model
+
+    def build_model(self, cid: int, spec: dict[str, Any] | None = None,
+                    offset: int = 0) -> torch.nn.Module:
+        """Client ``cid``'s architecture (or ``spec``), initialised from (seed, client, offset)."""
+        return build_model(spec or self.model_spec(cid), num_classes=self.federation.num_classes,
+                           seed=init_seed(self.config.run.seed, cid) + offset)
 
     def client_data(self, cid: int) -> ClientData:
         return pooled_client(self.federation) if cid == POOLED else self.federation.clients[cid]
@@ -96,7 +151,6 @@ class ClientRuntime:
     def run(self, job: ClientJob) -> JobResult:
         start = time.perf_counter()
         seed = job_seed(self.config.run.seed, job.round, job.cid, job.kind)
-        torch.manual_seed(seed)  # anything a method draws from the global RNG is seeded too
         data = self.client_data(job.cid)
         train_cfg = self.config.train
         if job.cid == POOLED:  # same compute per round as all clients together
@@ -105,15 +159,21 @@ class ClientRuntime:
         ctx = ClientContext(
             cid=job.cid, name=data.name, round=job.round, seed=seed, data=data, task=self.task,
             model=self.build_model(job.cid), train=train_cfg, eval=self.config.eval,
-            state=job.state if job.state is not None else Payload(kind="state"))
+            state=job.state if job.state is not None else Payload(kind="state"),
+            build_model=lambda spec=None, offset=1, cid=job.cid: self.build_model(cid, spec, offset),
+            trainer=Trainer(), info=None if job.cid == POOLED else self.roster([job.cid])[0])
         result = JobResult(kind=job.kind, cid=job.cid)
-        try:
-            if job.kind == "fit":
-                result.payload = self.algorithm.fit(ctx, job.payload)
-            else:
-                result.metrics = self.algorithm.evaluate(ctx, job.payload)
-        except ClientTrainingError as err:
-            result.error = str(err)
+        # anything a method draws from torch's global RNG is seeded per job, and the caller's
+        # RNG state is restored afterwards (workers = 1 runs jobs in the main process)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            try:
+                if job.kind == "fit":
+                    result.payload = self.algorithm.fit(ctx, job.payload)
+                else:
+                    result.metrics = self.algorithm.evaluate(ctx, job.payload)
+            except ClientTrainingError as err:
+                result.error = str(err)
         result.logs, result.state = ctx.logs, ctx.state
         result.seconds = time.perf_counter() - start
         return result

@@ -1,29 +1,113 @@
-"""Model registry: the config's [model] table names one of these and passes its options."""
+"""Models by name, and which architecture each client has.
+
+The config's ``[model]`` table names a registered model and passes its options. Clients may
+differ (FedWSIDD's heterogeneous MIL models, a site with less compute)::
+
+    [model]
+    name = "unet"
+    channels = [16, 32, 64, 128]
+    clients = { cpm15 = { channels = [8, 16, 32, 64] } }   # a table per client (merged over
+                                                            # [model] when the name is the same)
+    # or: heterogeneous = [{ name = "abmil" }, { name = "abmil", hidden = 64 }]
+    #     every client draws one, seeded by (run seed, client index)
+
+:func:`client_model_spec` resolves the spec of one client (on the client side; the site reports
+it in its roster entry); :func:`build_model` builds any spec with seeded initial weights.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
+import torch
 from torch import nn
 
 from histofed.config import ConfigError, NamedConfig
-from histofed.models.cnn import SmallCNN
-from histofed.models.mil import GatedABMIL
-from histofed.models.unet import build_unet
-from histofed.registry import Registry
+from histofed.models import cnn, mil, unet  # noqa: F401  (register the built-in models)
+from histofed.models.registry import MODELS, register_model
+from histofed.options import check_call
 
-MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
-MODELS.add("unet", build_unet)
-MODELS.add("cnn", SmallCNN)
-MODELS.add("abmil", GatedABMIL)
+_SPEC_KEYS = ("clients", "heterogeneous")
+_DATA_GIVEN = ("num_classes", "in_dim")  # set from the data, not by the user
 
 
-def build_model(cfg: NamedConfig, *, num_classes: int, **defaults: Any) -> nn.Module:
-    """Build the configured model; ``defaults`` (e.g. in_dim from the data) yield to the config."""
-    factory = MODELS.get(cfg.name)
-    kwargs = {**defaults, **cfg.options, "num_classes": num_classes}
-    try:
-        return factory(**kwargs)
-    except TypeError as err:
-        raise ConfigError(f"[model] {cfg.name!r}: {err}. Check the option names in [model].") from None
+def client_model_spec(cfg: NamedConfig, *, client: str, cid: int, seed: int,
+                      defaults: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The model spec ``{"name": ..., **options}`` of one client, data-given defaults included.
+
+    Raises:
+        ConfigError: ``clients`` names a table that is not a table, or ``heterogeneous`` is
+            empty or holds something other than model tables.
+    """
+    options = dict(cfg.options)
+    per_client = options.pop("clients", {}) or {}
+    pool = options.pop("heterogeneous", []) or []
+    if not isinstance(per_client, dict) or not all(isinstance(v, dict) for v in per_client.values()):
+        raise ConfigError("[model].clients must map client names to tables, e.g. "
+                          "clients = { cpm15 = { channels = [8, 16] } }")
+    if pool and (not isinstance(pool, list) or not all(isinstance(v, dict) for v in pool)):
+        raise ConfigError('[model].heterogeneous must be a list of model tables, e.g. '
+                          '[{ name = "abmil" }, { name = "abmil", hidden = 64 }]')
+    if client in per_client:
+        own = dict(per_client[client])
+        name = own.pop("name", cfg.name)
+        spec = {"name": name, **(options if name == cfg.name else {}), **own}
+    elif pool:
+        draw = int(np.random.default_rng([seed, cid, 0x40DE1]).integers(len(pool)))
+        own = dict(pool[draw])
+        name = own.pop("name", cfg.name)
+        spec = {"name": name, **(options if name == cfg.name else {}), **own}
+    else:
+        spec = {"name": cfg.name, **options}
+    return {"name": spec.pop("name"), **(defaults or {}), **spec}
+
+
+def shared_model_spec(cfg: NamedConfig) -> dict[str, Any]:
+    """The architecture every client shares when ``[model]`` has no per-client entries."""
+    return {"name": cfg.name, **{k: v for k, v in cfg.options.items() if k not in _SPEC_KEYS}}
+
+
+@contextlib.contextmanager
+def seeded_init(seed: int | None) -> Iterator[None]:
+    """Initial weights drawn from torch's generator seeded with ``seed`` in a forked RNG state:
+    the caller's global RNG is untouched (None: no seeding)."""
+    with torch.random.fork_rng(devices=[], enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        yield
+
+
+def init_seed(run_seed: int, who: int | str) -> int:
+    """Seed of the initial weights of client ``who`` (an index) or "global" (the shared model)."""
+    key = who + 1 if isinstance(who, int) else 1_000_003 + sum(map(ord, who))  # -1: pooled
+    return int(np.random.SeedSequence([run_seed, 0x1217, key]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+def build_model(cfg: NamedConfig | dict[str, Any], *, num_classes: int, seed: int | None = None,
+                **defaults: Any) -> nn.Module:
+    """Build a model from ``[model]`` (or a spec dict); ``defaults`` (e.g. in_dim from the data)
+    yield to the config. ``seed`` seeds the initial weights (see :func:`seeded_init`).
+
+    Raises:
+        ConfigError: unknown model or option (closest name), wrong option type.
+    """
+    if isinstance(cfg, NamedConfig):
+        spec = shared_model_spec(cfg)
+    else:
+        spec = dict(cfg)
+    name = spec.pop("name")
+    factory = MODELS.get(name)
+    kwargs = check_call(f"[model] {name!r}", factory, {**defaults, **spec, "num_classes": num_classes},
+                        fixed=tuple(k for k in _DATA_GIVEN if k in defaults or k == "num_classes"))
+    with seeded_init(seed):
+        try:
+            return factory(**kwargs)
+        except TypeError as err:
+            raise ConfigError(f"[model] {name!r}: {err}. Check the option names in [model].") from None
+
+
+__all__ = ["MODELS", "build_model", "client_model_spec", "init_seed", "register_model",
+           "seeded_init", "shared_model_spec"]

@@ -5,7 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from histofed.models.registry import register_model
 
+
+@register_model("cnn")
 class SmallCNN(nn.Module):
     """conv-norm-relu blocks with max-pooling, global average pooling, linear head.
 

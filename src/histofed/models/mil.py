@@ -5,7 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from histofed.models.registry import register_model
 
+
+@register_model("abmil")
 class GatedABMIL(nn.Module):
     """Gated attention MIL (Ilse et al., ICML 2018).
 

@@ -12,12 +12,15 @@ from torch import nn
 
 from histofed.config import ConfigError
 
+from histofed.models.registry import register_model
+
 # "group": built with 1 group (valid for any width, including MONAI's 1-channel output
 # unit), then every GroupNorm gets gcd(8, C) groups, i.e. 8 wherever C allows.
 _NORMS = {"batch": "batch", "instance": "instance", "group": ("group", {"num_groups": 1})}
 _GROUPS = 8
 
 
+@register_model("unet")
 def build_unet(
     *,
     num_classes: int = 1,
