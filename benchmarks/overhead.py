@@ -32,7 +32,9 @@ from histofed.algorithms.weights import get_weights, load_weights
 from histofed.config import config_from_dict
 from histofed.engine import data_root_from, load_federation, run_experiment
 from histofed.engine.rundir import new_run_dir, read_jsonl
-from histofed.engine.runtime import ClientRuntime, job_seed
+from histofed.engine.runtime import job_seed
+from histofed.models import build_model, init_seed, shared_model_spec
+from histofed.tasks import make_task
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -58,25 +60,25 @@ def plain_loop(config, federation) -> tuple[dict, list[float], float]:
     """FedAvg written as a bare loop: for each round, for each client, train, then average."""
     torch.set_num_threads(1)
     t_call = time.perf_counter()
-    rt = ClientRuntime(config, federation)  # only for the model factory, task and seeds
-    torch.manual_seed(config.run.seed)
-    global_w = get_weights(rt.build_model(None))
+    task = make_task(federation.task, config.train, federation.num_classes, 128)
+    spec = shared_model_spec(config.model)
+    build = lambda seed: build_model(spec, num_classes=1, seed=seed)  # noqa: E731
+    global_w = get_weights(build(init_seed(config.run.seed, "global")))
     rounds = []
     for rnd in range(1, config.run.rounds + 1):
         t0 = time.perf_counter()
         updates, sizes = [], []
         for cid, client in enumerate(federation.clients):
             seed = job_seed(config.run.seed, rnd, cid, "fit")
-            torch.manual_seed(seed)
-            model = rt.build_model(cid)
+            model = build(init_seed(config.run.seed, cid))
             load_weights(model, global_w)
             opt = torch.optim.Adam(model.parameters(), lr=config.train.lr,
                                    betas=tuple(config.train.betas))
-            batches = rt.task.batches(client.train, seed)
+            batches = task.batches(client.train, seed)
             model.train()
             for _ in range(config.train.local_steps):
                 x, y = next(batches)
-                loss = rt.task.loss(model(x), y)
+                loss = task.loss(model(x), y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 import torch
 
+from histofed.config import ConfigError
 from histofed.registry import Registry
 
 if TYPE_CHECKING:
@@ -191,7 +192,7 @@ class ClientTrainingError(RuntimeError):
     """A client's round failed (e.g. NaN loss); its update is dropped, the run stays recoverable."""
 
 
-class ArchitectureMismatch(ValueError):
+class ArchitectureMismatch(ConfigError):
     """Clients of a weight-averaging method built different architectures."""
 
 
@@ -318,8 +319,10 @@ class Algorithm:
                      upload: Payload) -> Payload:
         """Inverse of :meth:`client_update` on the server: the payload the method's own
         ``aggregate`` expects, rebuilt from a (clipped, noised) update."""
-        arrays = {k: (received.arrays[k].astype(np.float64) + update[k]).astype(v.dtype)
-                  if k in update else v for k, v in upload.arrays.items()}
+        arrays = dict(upload.arrays)  # anything uploaded as it is (nothing, under DP)
+        for k, d in update.items():
+            base = received.arrays[k]
+            arrays[k] = (base.astype(np.float64) + d).astype(base.dtype)
         return Payload(arrays, dict(upload.scalars), kind=upload.kind)
 
     # ---- client side -------------------------------------------------------------------

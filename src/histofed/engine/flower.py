@@ -253,7 +253,8 @@ class RunSpec:
     directory), ``data-root`` ("" = none; a SuperNode's own ``data-root`` node config wins),
     ``resume`` (bool), ``node-wait`` (seconds to wait for the SuperNodes), ``round-timeout``
     (seconds to wait for one batch of replies, 0 = no limit), ``stop-after`` (end after this
-    round, 0 = run all; used to test resume).
+    round, 0 = run all; used to test resume), ``num-clients`` (sites to wait for; 0 = as many
+    as the first node to answer the handshake says the config defines).
     """
 
     config_text: str
@@ -263,6 +264,7 @@ class RunSpec:
     node_wait: float = 300.0
     round_timeout: float = 0.0
     stop_after: int = 0
+    num_clients: int = 0
 
     @classmethod
     def from_run_config(cls, run_config: dict[str, Any]) -> RunSpec:
@@ -301,13 +303,15 @@ class RunSpec:
                    data_root=str(run_config.get("data-root", "")), resume=resume,
                    node_wait=float(run_config.get("node-wait", 300.0)),
                    round_timeout=float(run_config.get("round-timeout", 0.0)),
-                   stop_after=int(run_config.get("stop-after", 0)))
+                   stop_after=int(run_config.get("stop-after", 0)),
+                   num_clients=int(run_config.get("num-clients", 0)))
 
     def to_run_config(self) -> dict[str, Any]:
         return {"histofed-config": self.config_text, "histofed-config-file": "",
                 "run-dir": str(self.run_dir or ""), "data-root": self.data_root,
                 "resume": self.resume, "node-wait": self.node_wait,
-                "round-timeout": self.round_timeout, "stop-after": self.stop_after}
+                "round-timeout": self.round_timeout, "stop-after": self.stop_after,
+                "num-clients": self.num_clients}
 
 
 def prepare_run_dir(run_dir: Path | None, config: Config, *, resume: bool) -> Path:
@@ -346,7 +350,8 @@ def serve(grid: Grid, spec: RunSpec) -> Payload:
     # the server learns the sites from the handshake; it never builds their data
     transport = FlowerTransport(
         grid, config_text=spec.config_text, data_root=spec.data_root, run_dir=run_dir,
-        node_wait=spec.node_wait, timeout=spec.round_timeout or None)
+        node_wait=spec.node_wait, timeout=spec.round_timeout or None,
+        expected=spec.num_clients or None)
     try:
         experiment = Experiment(config, transport.roster, run_dir)
         if not spec.resume:
@@ -467,12 +472,12 @@ def run_flower_simulation(config: Config, *, data_root: Path | str | None, run_d
     check_flower_supported(config)
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # no GPU-env FutureWarning
     run_dir = Path(run_dir)
-    spec = RunSpec(config_text=dump_toml(config.to_dict()), run_dir=run_dir,
-                   data_root=str(data_root) if data_root else "", resume=resume,
-                   stop_after=stop_after or 0, node_wait=60.0)
     prepare_run_dir(run_dir, config, resume=resume)  # fail before Ray starts
     # the launcher (not the ServerApp) counts the virtual SuperNodes to start
-    n_clients = len(cached_federation(config, spec.data_root).clients)
+    n_clients = len(cached_federation(config, str(data_root) if data_root else "").clients)
+    spec = RunSpec(config_text=dump_toml(config.to_dict()), run_dir=run_dir,
+                   data_root=str(data_root) if data_root else "", resume=resume,
+                   stop_after=stop_after or 0, node_wait=60.0, num_clients=n_clients)
     actors = max(1, min(num_cpus or config.run.workers or default_workers(), n_clients))
     context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(),
                       run_config=spec.to_run_config())
