@@ -41,10 +41,11 @@ def _wire(records: RecordDict) -> RecordDict:
 class LocalGrid:
     """The Grid calls FlowerTransport makes, served by ``client_app`` in this process."""
 
-    def __init__(self, partition_ids):
+    def __init__(self, partition_ids, **node_config):
         self.contexts = {
             100 + i: Context(run_id=1, node_id=100 + i, state=RecordDict(), run_config={},
-                             node_config={} if pid is None else {"partition-id": pid})
+                             node_config={**node_config,
+                                          **({} if pid is None else {"partition-id": pid})})
             for i, pid in enumerate(partition_ids)}
         self.log: list[tuple[str, str, RecordDict]] = []  # (direction, message type, content)
 
@@ -307,3 +308,52 @@ def test_simulation_fedbn_keeps_norm_layers_on_the_nodes(inprocess, tmp_path, mo
         assert not any(k.startswith(rec.STATE) for k in content)
         if rec.has_payload(content) and rnd != 1:  # round 1 broadcasts the initial model
             assert not norms & set(rec.records_to_payload(content).arrays)
+
+
+# ---- the contract on Flower (test_contract.py has the in-process side) -------------------------
+def test_server_without_data_equals_inprocess(tiny_config, tmp_path):
+    """The ServerApp gets an empty data root; each node has its own. Same weights, same metrics;
+    the roster in run.json is what the nodes told the server."""
+    from test_contract import MARKER, rooted_config
+
+    root = tmp_path / "site-data"
+    root.mkdir()
+    (root / MARKER).write_text("x")
+    cfg = rooted_config(tiny_config, "fedavg")
+    ref = new_run_dir(tmp_path / "ref", "ref")
+    run_experiment(cfg, data_root=root, run_dir=ref)
+    out = tmp_path / "flower"
+    _serve(cfg, out, grid=LocalGrid([0, 1, 2], **{"data-root": str(root)}), data_root="")
+    _assert_same_weights(_final(out), _final(ref))
+    assert _test_rows(out) == _test_rows(ref)
+    told = json.loads((out / "run.json").read_text())["roster"]
+    assert told == json.loads((ref / "run.json").read_text())["roster"]
+    with pytest.raises(RunError, match="node 100 failed: .*(reads real data|no sites.txt)"):
+        _serve(cfg, tmp_path / "nodata", data_root="")  # nodes without data: named, not hidden
+
+
+def test_fedsoda_personalised_writes_the_same_final_files_on_both_engines(tmp_path):
+    soda = {"personalised": True, "synthetic_size": 32, "synthetic_batch": 2}
+    cfg = _cfg("fedsoda", model={"norm": "group"}, algorithm=soda, run={"rounds": 2})
+    ref = new_run_dir(tmp_path / "ip", "ip")
+    run_experiment(cfg, data_root=None, run_dir=ref)
+    out = tmp_path / "flower"
+    _serve(cfg, out)
+    files = lambda d: sorted(str(p.relative_to(d)) for p in (d / "final").rglob("*.npz"))  # noqa: E731
+    assert files(out) == files(ref) and "final/personal/synthetic-2.npz" in files(ref)
+    for rel in files(ref):
+        _assert_same_weights(load_payload(out / rel[:-4]).arrays, load_payload(ref / rel[:-4]).arrays)
+    assert read_jsonl(out / "fedsoda.jsonl") == read_jsonl(ref / "fedsoda.jsonl")
+
+
+def test_toy_two_model_method_on_flower_equals_inprocess(tmp_path):
+    from test_contract import SMALL  # registers "test-mutual" (defined with the public contract)
+
+    cfg = _cfg("test-mutual", model=SMALL, run={"rounds": 2})
+    ref = new_run_dir(tmp_path / "ip", "ip")
+    run_experiment(cfg, data_root=None, run_dir=ref)
+    out = tmp_path / "flower"
+    _serve(cfg, out)
+    _assert_same_weights(_final(out), _final(ref))
+    assert _test_rows(out) == _test_rows(ref)  # the teachers ("personal") stayed on the nodes
+    assert {r["model"] for r in _test_rows(out)} == {"global", "personal"}
