@@ -6,15 +6,21 @@ A method is one object with a client part and a server part::
     server: init_state -> configure_fit -> [clients: fit] -> aggregate -> configure_evaluate
     client: fit(ctx, payload) -> Payload            evaluate(ctx, payload) -> {model: metrics}
 
+The server part sees a :class:`ServerContext`: the roster (one :class:`ClientInfo` per site:
+what the site chose to tell, never its data), a model factory built from the roster's model
+specs, the task and the trainer (for methods that evaluate or optimise on the server), seeded
+randomness and ``log``. The client part sees a :class:`ClientContext`: its data, its model,
+``build_model`` for a second model on site, the trainer (every optimisation loop goes through
+algorithms/training.py) and its private ``state``.
+
 Everything that crosses the network is a :class:`Payload`: named numpy arrays plus JSON-able
 scalars (the same shape as Flower's ArrayRecord + ConfigRecord; never a pickle). A payload's
 ``kind`` ("weights", "stats", "svd-factors", "synthetic-images", ...) is logged with its size in
 ``egress.jsonl``. What must never leave a site lives in ``ctx.state`` (also a Payload): a
 teacher model, personalised weights, optimiser state, a per-client privacy accountant. Engines
-persist it between rounds and in checkpoints but never send it.
-
-The server state (global weights, memory banks, accountant history, ...) is a Payload too, so
-it checkpoints the same way. Randomness is always derived from (run seed, round, client).
+persist it between rounds and in checkpoints but never send it; keep a method's keys in its own
+namespace (:func:`prefixed`). The server state is a Payload too, so it checkpoints the same way.
+Randomness is always derived from (run seed, round, client).
 """
 
 from __future__ import annotations

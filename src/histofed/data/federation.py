@@ -18,6 +18,7 @@ Dataset contracts (all tensors are torch, channels first):
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,7 +111,53 @@ def build_federation(
             f"federation {name!r} reads real data: pass --data-root PATH or set HISTOFED_DATA "
             "(e.g. ../shared/data), or use the 'synthetic-nuclei' federation"
         )
-    return spec.builder(data_root=Path(data_root) if data_root else None, seed=seed, **options)
+    unseen = options.pop("unseen", None) or []
+    federation = spec.builder(data_root=Path(data_root) if data_root else None, seed=seed,
+                              **options)
+    return hold_out(federation, unseen) if unseen else federation
+
+
+def hold_out(federation: Federation, unseen: list[str] | str) -> Federation:
+    """Keep the clients named in ``unseen`` out of training: they come last (so training
+    clients keep indices 0..K-1), are marked ``info["unseen"] = True`` and every tile they hold
+    (train, val and test) becomes their evaluation set, ``test``.
+
+    Raises:
+        ValueError: an unknown name (lists the valid ones), or every client named.
+    """
+    names = [unseen] if isinstance(unseen, str) else list(unseen)
+    valid = federation.client_names
+    for name in names:
+        if name not in valid:
+            raise ValueError(
+                f"[federation].unseen: no client {name!r} in federation {federation.name!r}."
+                f"{closest(str(name), valid)} Valid: {', '.join(valid)}")
+    if len(set(names)) >= len(valid):
+        raise ValueError(f"[federation].unseen names every client of {federation.name!r} "
+                         f"({', '.join(valid)}): at least one must train")
+    held = [c for c in federation.clients if c.name in names]
+    for client in held:
+        client.test = _everything(client)
+        client.val = None
+        client.info = {**client.info, "unseen": True}
+    kept = [c for c in federation.clients if c.name not in names]
+    return dataclasses.replace(federation, clients=kept + held,
+                               info={**federation.info, "unseen": names})
+
+
+def _everything(client: ClientData) -> Dataset:
+    """All of a held-out client's data as one evaluation set: whole tiles for segmentation
+    (its training crops come from whole images too), every item otherwise."""
+    from torch.utils.data import ConcatDataset
+
+    parts = [d for d in (client.train, client.val, client.test) if d is not None]
+    if all(hasattr(d, "images") and hasattr(d, "masks") for d in parts):
+        from histofed.data.datasets import SegmentationTiles
+
+        images = [im for d in parts for im in d.images]
+        masks = [m for d in parts for m in d.masks]
+        return SegmentationTiles(images, masks)
+    return ConcatDataset(parts)
 
 
 def merge_options(federation: str, given: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:

@@ -29,8 +29,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from scipy.optimize import brentq
-from scipy.stats import norm
 
 ACCOUNTANTS = ("rdp", "prv")
 History = list[tuple[float, float, int]]
@@ -96,6 +94,8 @@ def noise_for_epsilon(*, target_epsilon: float, delta: float, q: float, steps: i
 
 def _gdp_delta(eps: float, mu: float) -> float:
     """delta(eps) of mu-GDP, with the second term in log space (no overflow for large eps)."""
+    from scipy.stats import norm  # lazy: scipy.stats costs a second at import
+
     return float(norm.cdf(-eps / mu + mu / 2) - np.exp(eps + norm.logcdf(-eps / mu - mu / 2)))
 
 
@@ -109,6 +109,8 @@ def gaussian_epsilon(*, sigma: float, steps: int, delta: float) -> float:
     hi = 1.0
     while _gdp_delta(hi, mu) > delta:
         hi *= 2
+    from scipy.optimize import brentq
+
     return float(brentq(lambda e: _gdp_delta(e, mu) - delta, 0.0, hi, xtol=1e-10, rtol=1e-12))
 
 
