@@ -68,6 +68,7 @@ class EvalConfig:
     overlap: float = 0.25
     batch_size: int = 4  # windows (segmentation) or items (classification) per forward pass
     threshold: float = 0.5
+    select: str = "last"  # final models: "last" round, or "best-val" (best mean validation score)
 
 
 @dataclass(frozen=True)
@@ -171,6 +172,10 @@ def _check_ranges(cfg: Config, source: str) -> None:
         (cfg.train.loss in ("bce_dice", "bce", "ce"), '[train].loss: "bce_dice", "bce" or "ce"'),
         (0 <= cfg.eval.overlap < 1, "[eval].overlap must be in [0, 1)"),
         (set(cfg.eval.splits) <= {"val", "test"}, '[eval].splits may hold "val" and "test"'),
+        (cfg.eval.select in ("last", "best-val"),
+         '[eval].select: "last" or "best-val" (model selection never looks at the test split)'),
+        (cfg.eval.select == "last" or "val" in cfg.eval.splits,
+         '[eval].select = "best-val" needs "val" in [eval].splits'),
     ]
     for ok, message in checks:
         if not ok:

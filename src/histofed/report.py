@@ -294,6 +294,22 @@ def write_report(run_dir: Path) -> tuple[Path, Path]:
             write_text(run.path / "summary.md", render_markdown(title, sections)))
 
 
+def unseen_scores(run: Run, metric: str, rnd: int | None) -> dict[str, float]:
+    """On the held-out sites at round ``rnd``: the global model's mean score, and the best
+    personal ("personal:<site>") model's mean score (keys "global", "best local")."""
+    per_model: dict[str, list[float]] = {}
+    for r in run.metrics:
+        if r.get("split") == "unseen" and int(r["round"]) == rnd and metric in r:
+            per_model.setdefault(str(r.get("model", "global")), []).append(float(r[metric]))
+    out = {}
+    if "global" in per_model:
+        out["global"] = _nanstat(per_model["global"], np.mean)
+    personal = [_nanstat(v, np.mean) for m, v in per_model.items() if m.startswith("personal:")]
+    if personal:
+        out["best local"] = max(personal)
+    return out
+
+
 def _pick_model(run: Run, model: str) -> str:
     if model != "auto":
         return model
@@ -327,25 +343,38 @@ def compare_runs(run_dirs: list[Path], out: Path, metric: str = "dice", *, model
     labels = [f"{lab} ({r.path.name})" if labels.count(lab) > 1 else lab for lab, r in zip(labels, runs)]
     rows, means, table = [], {}, []
     clients_all: list[str] = []
+    has_unseen = any(r.get("split") == "unseen" for run in runs for r in run.metrics)
     for run, label in zip(runs, labels):
         used = _pick_model(run, model)
         clients, mean = split_mean(series(run.metrics, split="test", key=metric, model=used))
         last = max(mean, default=None)
+        if run.info.get("selected_by") == "best-val" and run.info.get("selected_round") in mean:
+            last = int(run.info["selected_round"])  # the models final/ holds (chosen on val)
         at = {c: s[last] for c, s in clients.items() if last in s}
         clients_all += [c for c in clients if c not in clients_all]
         up = None if run.egress is None else sum(
             int(r["bytes"]) for r in run.egress if r["direction"] == "up") / MB
         means[label] = mean
-        table.append((label, used, last, mean.get(last), _nanstat(list(at.values()), np.std), at, up))
-    for label, used, last, m, sd, at, up in table:
+        unseen = unseen_scores(run, metric, last) if has_unseen else {}
+        table.append((label, used, last, mean.get(last), _nanstat(list(at.values()), np.std), at,
+                      up, unseen))
+    for label, used, last, m, sd, at, up, unseen in table:
         rows.append([label, used, "—" if last is None else str(last), _fmt(m), _fmt(sd)]
+                    + ([_fmt(unseen.get("global")), _fmt(unseen.get("best local"))]
+                       if has_unseen else [])
                     + [_fmt(at.get(c)) for c in clients_all] + [_fmt(up, 2)])
     png = lines_plot(Path(out).with_suffix(".png"), means, lw=2.0, ylabel=f"mean test {metric}",
                      title=f"Mean test {metric} over clients")
-    header = ["run", "model", "round", f"{metric} mean", "± std", *clients_all, "MB up"]
+    header = ["run", "model", "round", f"{metric} mean", "± std",
+              *(["unseen", "best local on unseen"] if has_unseen else []), *clients_all, "MB up"]
+    note = ("Mean and std (ddof=0) over clients' test splits at each run's reported round (the "
+            "last, or the one chosen on validation with [eval].select = \"best-val\"); MB up = "
+            "total bytes sent by clients / 10^6.")
+    if has_unseen:
+        note += (" unseen = the global model on the held-out hospitals ([federation].unseen, "
+                 "every tile they hold; mean over them); best local on unseen = the best single "
+                 "site's own model there (local-only, FedBN and other personal models).")
     text = render_markdown(f"Comparison: test {metric}", [("Runs", [
-        ("p", "Mean and std (ddof=0) over clients at each run's last test round; MB up = total "
-              "bytes sent by clients / 10^6."),
-        ("table", header, rows), ("img", png.name, f"mean test {metric} vs round")])])
+        ("p", note), ("table", header, rows), ("img", png.name, f"mean test {metric} vs round")])])
     write_text(Path(out), text)
     return text

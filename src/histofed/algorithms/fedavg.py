@@ -24,16 +24,36 @@ from histofed.algorithms.base import (
 )
 from histofed.algorithms.training import local_train
 from histofed.algorithms.weights import get_weights, load_weights
+from histofed.config import ConfigError
+from histofed.options import option
 
 
 @register_algorithm("fedavg")
 @dataclass
 class FedAvg(Algorithm):
+    """Options: ``weight`` = "examples" (n_k = training examples, McMahan et al.), "pixels"
+    (n_k = training pixels: a site of small tiles counts for what it holds) or "uniform"."""
+
     mean_aggregation = True
+    weight: str = option("examples", choices=("examples", "pixels", "uniform"),
+                         help="what n_k in the weighted mean counts")
 
     def init_state(self, sctx: ServerContext, init_weights: dict[str, np.ndarray]) -> Payload:
         require_same_architecture(sctx, self.name)
         return super().init_state(sctx, init_weights)
+
+    def client_weight(self, sctx: ServerContext, cid: int, result: Payload) -> float:
+        """n_k of client ``cid`` (see ``weight``); pixels come from the site's roster entry."""
+        if self.weight == "uniform":
+            return 1.0
+        if self.weight == "pixels":
+            pixels = sctx.client(cid).sizes.get("train_pixels", 0)
+            if not pixels:
+                raise ConfigError(f"[algorithm].weight = \"pixels\": client "
+                                  f"{sctx.client(cid).name!r} reports no pixel count (not an "
+                                  "image dataset); use weight = \"examples\"")
+            return float(pixels)
+        return float(result.scalars["num_examples"])
 
     def fit(self, ctx: ClientContext, payload: Payload) -> Payload:
         load_weights(ctx.model, payload.arrays)
@@ -46,7 +66,6 @@ class FedAvg(Algorithm):
 
     def aggregate(self, sctx: ServerContext, state: Payload, results: dict[int, Payload]) -> Payload:
         cids = sorted(results)
-        new = weighted_mean(
-            [results[c].arrays for c in cids], [float(results[c].scalars["num_examples"]) for c in cids]
-        )
+        new = weighted_mean([results[c].arrays for c in cids],
+                            [self.client_weight(sctx, c, results[c]) for c in cids])
         return Payload({**state.arrays, **new}, state.scalars, kind="state")

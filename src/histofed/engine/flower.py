@@ -52,7 +52,8 @@ from histofed.engine.runtime import POOLED, ClientJob, ClientRuntime, JobResult 
 
 RUN = "histofed.run"  # ConfigRecord of the handshake (and of a node's run info in context.state)
 MARKER = "flower.json"  # run_dir file: which clients kept private state on their nodes
-_MESSAGE_TYPE = {"fit": MessageType.TRAIN, "evaluate": MessageType.EVALUATE}
+_MESSAGE_TYPE = {"fit": MessageType.TRAIN, "evaluate": MessageType.EVALUATE,
+                 "score": MessageType.EVALUATE}
 
 
 # ---- shared by both sides ----------------------------------------------------------------------
@@ -419,7 +420,7 @@ def _run_job(msg: Message, context: Context) -> Message:
     if sha != run["config-sha"] or job.cid != run["cid"]:
         raise RuntimeError(f"job for client {job.cid} (config {sha}) sent to the node of client "
                            f"{run['cid']} (config {run['config-sha']})")
-    if _MESSAGE_TYPE[job.kind] != msg.metadata.message_type:
+    if _MESSAGE_TYPE.get(job.kind) != msg.metadata.message_type:
         raise RuntimeError(f"{job.kind} job in a {msg.metadata.message_type!r} message")
     job.state = rec.load_state(context.state)
     result = client_runtime(str(run["config"]), str(run["data-root"])).run(job)

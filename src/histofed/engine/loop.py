@@ -26,6 +26,7 @@ from histofed.algorithms.weights import get_weights
 from histofed.config import Config, dump_toml
 from histofed.engine import rundir
 from histofed.engine.runtime import POOLED, ClientJob, JobResult
+from histofed.engine.selection import BestSnapshot
 from histofed.models import build_model, init_seed
 from histofed.tasks import make_task
 
@@ -50,18 +51,20 @@ class ServerModels:
     """The server's model factory, from the roster only: client ``cid``'s architecture, or the
     one all clients share (None). Initial weights come from (run seed, client or "global")."""
 
-    def __init__(self, config: Config, roster: list[ClientInfo]) -> None:
+    def __init__(self, config: Config, roster: list[ClientInfo],
+                 extra: list[ClientInfo] = ()) -> None:
         self.seed = config.run.seed
-        self.roster = {c.cid: c for c in roster}
+        self.training = {c.cid: c for c in roster}
+        self.roster = {c.cid: c for c in [*roster, *extra]}
         self.num_classes = roster[0].num_classes
         self.shared = len({json.dumps(c.model, sort_keys=True) for c in roster}) == 1
 
     def __call__(self, cid: int | None = None) -> torch.nn.Module:
         if cid is None or cid == POOLED:
             if not self.shared:
-                sctx = ServerContext(0, self.seed, list(self.roster.values()), self)
+                sctx = ServerContext(0, self.seed, list(self.training.values()), self)
                 require_same_architecture(sctx, "this method")  # raises, naming the clients
-            spec, seed = next(iter(self.roster.values())).model, init_seed(self.seed, "global")
+            spec, seed = next(iter(self.training.values())).model, init_seed(self.seed, "global")
         else:
             spec, seed = self.roster[cid].model, init_seed(self.seed, cid)
         return build_model(spec, num_classes=self.num_classes, seed=seed)
@@ -79,14 +82,18 @@ class Experiment:
             raise RunError("no clients: the federation yielded an empty roster")
         self.config = config
         self.run_dir = Path(run_dir)
-        self.clients = list(roster)
+        self.clients = [c for c in roster if not c.facts.get("unseen")]  # they train
+        self.unseen = [c for c in roster if c.facts.get("unseen")]  # held out: scored only
+        if not self.clients:
+            raise RunError("every client is held out ([federation].unseen): none would train")
         self.algorithm = build_algorithm(config.algorithm)
-        self.models = ServerModels(config, self.clients)
+        self.models = ServerModels(config, self.clients, extra=self.unseen)
         first = self.clients[0]
         self.task = make_task(first.task, config.train, first.num_classes,
                               int(first.facts.get("crop_size", 128)))
         self.rounds = 1 if self.algorithm.one_shot else config.run.rounds
-        self.names = {c.cid: c.name for c in self.clients} | {POOLED: "pooled"}
+        self.names = {c.cid: c.name for c in roster} | {POOLED: "pooled"}
+        self.best = BestSnapshot(self.run_dir, higher_is_better=self.task.headline != "loss")
         self.tensorboard = None
         if config.run.tensorboard:
             from histofed.engine.tensorboard import TensorBoardLogger
@@ -124,7 +131,8 @@ class Experiment:
             "federation": self.config.federation.name, "model": self.config.model.name,
             "seed": self.config.run.seed, "rounds": self.rounds,
             "clients": [c.name for c in self.clients], "task": self.clients[0].task,
-            "roster": [dataclasses.asdict(c) for c in self.clients]}
+            "unseen": [c.name for c in self.unseen], "select": self.config.eval.select,
+            "roster": [dataclasses.asdict(c) for c in [*self.clients, *self.unseen]]}
         info.update(updates)
         rundir.atomic_write_text(path, json.dumps(info, indent=2))
 
@@ -136,6 +144,7 @@ class Experiment:
         ``stop_after`` ends the run early after that round (used to test crash + resume).
         """
         start_round, state, states = 1, None, {c.name: Payload(kind="state") for c in self.clients}
+        self._check_selection()
         if resume:
             ckpts = rundir.list_checkpoints(self.run_dir)
             if ckpts:
@@ -144,6 +153,7 @@ class Experiment:
                 start_round = done + 1
                 for path in self.run_dir.glob("*.jsonl"):  # metrics, egress, timing, privacy...
                     rundir.truncate_jsonl(path, done)
+                self.best.forget_after(done)
         elif not header_written:
             self.write_header(engine)
         if state is None:
@@ -157,8 +167,11 @@ class Experiment:
             last = rnd == self.rounds
             t_eval = time.perf_counter()
             if last or rnd % self.config.run.eval_every == 0:
-                summary = self._evaluate_round(transport, rnd, state, states)
+                summary, val = self._evaluate_round(transport, rnd, state, states)
+                summary += self._score_unseen(transport, rnd, state, states)
                 bar.set_postfix_str(summary)
+                if self.config.eval.select == "best-val":
+                    self.best.offer(rnd, val, state, states if transport.keeps_state else {})
             t_ckpt = time.perf_counter()
             rundir.save_checkpoint(self.run_dir, rnd, state, states if transport.keeps_state else {},
                                    self.config.run.keep_checkpoints)
@@ -169,10 +182,25 @@ class Experiment:
                 bar.close()
                 return state
         bar.close()
-        self._save_final(state, states if transport.keeps_state else {})
+        selected = self.rounds
+        if self.config.eval.select == "best-val" and self.best.round is not None:
+            selected, final_state, final_states = self.best.load()
+        else:
+            final_state, final_states = state, states if transport.keeps_state else {}
+        self._save_final(final_state, final_states)
         self._write_run_json(finished=time.time(), wall_seconds_last_session=time.time() - t0,
-                             engine=engine)
+                             engine=engine, selected_round=selected,
+                             selected_by=self.config.eval.select)
         return state
+
+    def _check_selection(self) -> None:
+        if self.config.eval.select != "best-val":
+            return
+        missing = [c.name for c in self.clients if not c.sizes.get("val")]
+        if missing:
+            raise RunError(f'[eval].select = "best-val" needs a validation split, but '
+                           f"{', '.join(missing)} have none; set [federation].val_fraction "
+                           "(e.g. 0.2) or use select = \"last\"")
 
     def _jobs(self, kind: str, rnd: int, payloads: dict[int, Payload],
               states: dict[str, Payload], keeps_state: bool) -> list[ClientJob]:
@@ -248,6 +276,7 @@ class Experiment:
         results = transport.run(self._jobs("evaluate", rnd, payloads, states, transport.keeps_state),
                                 desc=f"round {rnd} eval")
         lines, egress, scores = [], [], []
+        val: dict[str, list[float]] = {}
         for res in results:
             name = self.names[res.cid]
             egress += self._payload_egress(rnd, name, "down", payloads[res.cid], "evaluate")
@@ -256,9 +285,55 @@ class Experiment:
                 lines.append({"round": rnd, "client": name, "split": split, "model": model, **metrics})
                 if split == "test":
                     scores.append(metrics.get(self.task.headline, np.nan))
+                if split == "val":
+                    val.setdefault(model, []).append(metrics.get(self.task.headline, np.nan))
         self._log_metrics(lines)
         rundir.append_jsonl(self.run_dir / "egress.jsonl", egress)
-        return f"test {self.task.headline} {np.nanmean(scores):.3f}" if scores else ""
+        # selection score: the global model's mean validation score (else the personal models')
+        chosen = val.get("global") or val.get("personal") or []
+        val_score = float(np.nanmean(chosen)) if chosen else float("nan")
+        summary = f"test {self.task.headline} {np.nanmean(scores):.3f}" if scores else ""
+        return summary, val_score
+
+    def _score_unseen(self, transport: Transport, rnd: int, state: Payload,
+                      states: dict[str, Payload]) -> str:
+        """Score every model the run has on each held-out site: the global model, and each
+        training site's personal model where the engine holds it (in-process); rows with split
+        "unseen" and model "global" / "personal:<site>". Returns a progress-bar summary."""
+        if not self.unseen:
+            return ""
+        candidates: dict[str, tuple[dict, dict]] = {}  # label -> (weights, spec)
+        glob = self.algorithm.final_weights(state)
+        if glob and self.models.shared:
+            candidates["global"] = (glob, self.clients[0].model)
+        for c in self.clients:
+            own = states.get(c.name, Payload(kind="state")) if transport.keeps_state else \
+                Payload(kind="state")
+            personal = self.algorithm.personal_weights(c, state, own)
+            if personal:
+                candidates[f"personal:{c.name}"] = (personal, c.model)
+        jobs = [ClientJob("score", u.cid, rnd, Payload(weights, {"label": label}, kind="weights"),
+                          None, cost=float(u.sizes["test"]))
+                for u in self.unseen for label, (weights, spec) in candidates.items()
+                if spec == u.model]  # a site scores only models of the architecture it builds
+        # Flower sends one message per node at a time; in-process, all at once
+        waves = [jobs] if transport.keeps_state else \
+            [[j for j in jobs if j.payload.scalars["label"] == label] for label in candidates]
+        results = [r for wave in waves if wave for r in transport.run(wave, desc=f"round {rnd} unseen")]
+        jobs = [j for wave in waves for j in wave]
+        lines, egress, glob_scores = [], [], []
+        for job, res in zip(jobs, results, strict=True):
+            name = self.names[res.cid]
+            egress += self._payload_egress(rnd, name, "down", job.payload, "unseen")
+            for key, metrics in res.metrics.items():
+                model, split = key.split("/")
+                lines.append({"round": rnd, "client": name, "split": split, "model": model,
+                              **metrics})
+                if model == "global":
+                    glob_scores.append(metrics.get(self.task.headline, np.nan))
+        self._log_metrics(lines)
+        rundir.append_jsonl(self.run_dir / "egress.jsonl", egress)
+        return f", unseen {np.nanmean(glob_scores):.3f}" if glob_scores else ""
 
     def _payload_egress(self, rnd: int, name: str, direction: str, payload: Payload | None,
                         phase: str) -> list[dict]:

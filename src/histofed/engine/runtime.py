@@ -27,12 +27,12 @@ from histofed.models import build_model, client_model_spec, init_seed
 from histofed.tasks import make_task
 
 POOLED = -1  # cid of the centralised baseline's pooled "client"
-_KIND_CODE = {"fit": 1, "evaluate": 2}
+_KIND_CODE = {"fit": 1, "evaluate": 2, "score": 3}
 
 
 @dataclass
 class ClientJob:
-    kind: Literal["fit", "evaluate"]
+    kind: Literal["fit", "evaluate", "score"]  # score: evaluate the sent weights as they are
     cid: int
     round: int
     payload: Payload
@@ -85,13 +85,28 @@ def dataset_nbytes(dataset) -> int:
     return int(total)
 
 
+def dataset_pixels(dataset) -> int:
+    """Pixels of the images a dataset holds (FedAvg's ``weight = "pixels"``); 0 if unknown."""
+    if hasattr(dataset, "datasets"):
+        return sum(dataset_pixels(d) for d in dataset.datasets)
+    images = getattr(dataset, "images", None)
+    return int(sum(int(np.asarray(im).shape[0]) * int(np.asarray(im).shape[1])
+                   for im in images)) if images is not None else 0
+
+
+def training_clients(federation: Federation) -> list[ClientData]:
+    """The clients that train (not held out with ``[federation].unseen``)."""
+    return [c for c in federation.clients if not c.info.get("unseen")]
+
+
 def pooled_client(federation: Federation) -> ClientData:
-    """All clients' training data in one place (the centralised baseline)."""
+    """All training clients' data in one place (the centralised baseline)."""
+    clients = training_clients(federation)
     return ClientData(
         name="pooled",
-        train=ConcatDataset([c.train for c in federation.clients]),
-        test=ConcatDataset([c.test for c in federation.clients]),
-        info={"num_train": sum(c.num_train for c in federation.clients)},
+        train=ConcatDataset([c.train for c in clients]),
+        test=ConcatDataset([c.test for c in clients]),
+        info={"num_train": sum(c.num_train for c in clients)},
     )
 
 
@@ -101,12 +116,24 @@ def roster_entry(config: Config, federation: Federation, cid: int) -> ClientInfo
     spec = client_model_spec(config.model, client=client.name, cid=cid, seed=config.run.seed,
                              defaults=data_model_defaults(federation.task, client))
     sizes = {"train": client.num_train, "test": len(client.test),
-             "val": len(client.val) if client.val is not None else 0}
+             "val": len(client.val) if client.val is not None else 0,
+             "train_pixels": dataset_pixels(client.train)}
     facts = {"crop_size": crop_size_of(config, federation),
-             "raw_bytes": dataset_nbytes(client.train)}
+             "raw_bytes": dataset_nbytes(client.train),
+             "unseen": bool(client.info.get("unseen", False))}
     return ClientInfo(cid=cid, name=client.name, num_train=client.num_train,
                       task=federation.task, num_classes=federation.num_classes, model=spec,
                       sizes=sizes, facts=facts)
+
+
+def score(ctx: ClientContext, payload: Payload) -> dict[str, dict[str, float]]:
+    """Evaluate the weights in ``payload`` as they are, on every tile of this (held-out) site;
+    key "<label>/unseen" with the label the server gave (e.g. "global", "personal:cpm15")."""
+    from histofed.algorithms.weights import load_weights
+
+    load_weights(ctx.model, payload.arrays)
+    label = str(payload.scalars.get("label", "global"))
+    return {f"{label}/unseen": ctx.task.evaluate(ctx.model, ctx.data.test, ctx.eval)}
 
 
 class ClientRuntime:
@@ -155,7 +182,7 @@ class ClientRuntime:
         train_cfg = self.config.train
         if job.cid == POOLED:  # same compute per round as all clients together
             train_cfg = dataclasses.replace(
-                train_cfg, local_steps=train_cfg.local_steps * len(self.federation.clients))
+                train_cfg, local_steps=train_cfg.local_steps * len(training_clients(self.federation)))
         ctx = ClientContext(
             cid=job.cid, name=data.name, round=job.round, seed=seed, data=data, task=self.task,
             model=self.build_model(job.cid), train=train_cfg, eval=self.config.eval,
@@ -170,6 +197,8 @@ class ClientRuntime:
             try:
                 if job.kind == "fit":
                     result.payload = self.algorithm.fit(ctx, job.payload)
+                elif job.kind == "score":
+                    result.metrics = score(ctx, job.payload)
                 else:
                     result.metrics = self.algorithm.evaluate(ctx, job.payload)
             except ClientTrainingError as err:
