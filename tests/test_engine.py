@@ -174,5 +174,8 @@ def test_demo_pipeline_on_synthetic_data(tmp_path, monkeypatch):
     monkeypatch.delenv("HISTOFED_DATA", raising=False)
     out = run_demo(data_root=None, out=tmp_path / "demo", rounds=1, workers=2, local_steps=2)
     table = (out / "compare.md").read_text()
-    for method in ("fedavg", "local", "fedprox", "fedbn"):
+    for method in ("fedavg", "local", "fedprox", "fedbn", "centralized"):
         assert method in table and (out / method / "report.html").exists()
+    assert "| unseen | best local on unseen |" in table  # synthetic-3 is held out
+    local = next(line for line in table.splitlines() if line.startswith("| local "))
+    assert local.split("|")[7].strip() not in ("—", "nan")  # its best model on the unseen site

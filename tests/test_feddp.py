@@ -124,7 +124,7 @@ def test_epsilon_survives_crash_and_resume(tiny_config, tmp_path):
 
 
 def test_local_noise_accounts_per_client_against_the_server(tiny_config, tmp_path):
-    cfg = tiny_config("feddp", run={"rounds": 2},  # BatchNorm is fine: fedbn keeps it home
+    cfg = tiny_config("feddp", run={"rounds": 2}, model={"norm": "batch"},  # fedbn keeps BN home
                       algorithm={"base": "fedbn", "noise": "local", "sigma": 2.0, "clip": 0.5})
     _, out = _run(cfg, tmp_path, "local")
     rows = read_jsonl(out / "privacy.jsonl")
@@ -177,10 +177,12 @@ def test_target_epsilon_picks_sigma():
 
 
 def test_bad_setups_fail_before_training(tiny_config, tmp_path):
+    bn = {"norm": "batch"}
     with pytest.raises(ConfigError, match=r"layer 'model.0.adn.N' has running statistics.*fedbn"):
-        _run(tiny_config("feddp", algorithm={"sigma": 1.0}), tmp_path, "bn")
+        _run(tiny_config("feddp", model=bn, algorithm={"sigma": 1.0}), tmp_path, "bn")
     with pytest.raises(ConfigError, match=r"cannot train layer model.0.adn.N \(BatchNorm2d"):
-        _run(tiny_config("feddp", algorithm={"sigma": 1.0, "level": "record"}), tmp_path, "rec")
+        _run(tiny_config("feddp", model=bn, algorithm={"sigma": 1.0, "level": "record"}),
+             tmp_path, "rec")
     with pytest.raises(PrivacyConfigError, match=r"delta = 0.5 is >= 1/3 \(number of clients\)"):
         _run(tiny_config("feddp", model=INSTANCE, algorithm={"sigma": 1.0, "delta": 0.5}),
              tmp_path, "delta")

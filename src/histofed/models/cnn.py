@@ -16,11 +16,12 @@ class SmallCNN(nn.Module):
         num_classes: output logits.
         width: channels of the first block (doubles per block).
         depth: number of blocks.
-        norm: "batch" | "group" | "none".
+        norm: "group" (default: no running statistics to average across sites) | "batch" |
+            "none".
     """
 
     def __init__(self, *, num_classes: int = 4, in_channels: int = 3, width: int = 32,
-                 depth: int = 3, norm: str = "batch") -> None:
+                 depth: int = 3, norm: str = "group") -> None:
         super().__init__()
         layers: list[nn.Module] = []
         c_in = in_channels
