@@ -215,8 +215,52 @@ def test_all_components_off_equals_fedavg(tiny_config, tmp_path):
         np.testing.assert_array_equal(avg.arrays[key], soda.arrays[key], err_msg=key)
     assert read_jsonl(avg_dir / "egress.jsonl") == read_jsonl(soda_dir / "egress.jsonl")
     lsc_only, _ = _run(tiny_config("fedsoda", run={"rounds": 2}, algorithm={**off, "lsc": True}),
-                       tmp_path, "lsc")  # L_sc alone already changes round 2
-    assert any(not np.array_equal(avg.arrays[k], lsc_only.arrays[k]) for k in avg.arrays)
+                       tmp_path, "lsc")  # L_sc starts in round 3: two rounds are still FedAvg
+    for key in avg.arrays:
+        np.testing.assert_array_equal(avg.arrays[key], lsc_only.arrays[key], err_msg=key)
+    avg3, _ = _run(tiny_config("fedavg", run={"rounds": 3}), tmp_path, "avg3")
+    lsc3, _ = _run(tiny_config("fedsoda", run={"rounds": 3}, algorithm={**off, "lsc": True}),
+                   tmp_path, "lsc3")
+    assert any(not np.array_equal(avg3.arrays[k], lsc3.arrays[k]) for k in avg3.arrays)
+
+
+def test_lsc_starts_in_round_3_and_its_teacher_is_the_global_model():
+    """Reference: round 1 warms up, the first training after the first fusion has no L_sc."""
+    from histofed.algorithms.base import ClientContext
+    from histofed.config import EvalConfig, TrainConfig
+    from histofed.tasks import make_task
+
+    unet = lambda: build_unet(channels=(4, 8), norm="group", num_res_units=0)  # noqa: E731
+    torch.manual_seed(0)
+    glob, own = get_weights(unet()), get_weights(unet())
+    algo = FedSODA(personalised=True, synthetic_size=16)
+    state = Payload({**glob, **{f"personal/0/{k}": v for k, v in own.items()}}, {}, "state")
+    task = make_task("segmentation", TrainConfig(loss="bce"), 1, 16)
+
+    def client(rnd):
+        (payload,) = algo.configure_fit(_sctx(unet, rnd=rnd, k=1), state).values()
+        ctx = ClientContext(cid=0, name="site-0", round=rnd, seed=0, data=None, task=task,
+                            model=unet(), train=TrainConfig(), eval=EvalConfig(),
+                            state=Payload(kind="state"))
+        return payload, ctx
+
+    for rnd in (1, 2):
+        payload, ctx = client(rnd)
+        assert not any(k.startswith("teacher/") for k in payload.arrays)
+        assert algo.extra_loss(ctx, payload) is None
+    payload, ctx = client(3)
+    from histofed.algorithms.weights import load_weights
+
+    load_weights(ctx.model, {k: v for k, v in payload.arrays.items() if "/" not in k})
+    np.testing.assert_array_equal(payload.arrays["model.0.conv.weight"], own["model.0.conv.weight"])
+    l_sc = algo.extra_loss(ctx, payload)
+    x = torch.rand(2, 3, 16, 16)
+    logits = ctx.model(x)
+    teacher = unet().eval()
+    load_weights(teacher, glob)  # theta_g, not the start point theta_hat_i
+    with torch.no_grad():
+        expected = self_consistency_loss(torch.sigmoid(logits), torch.sigmoid(teacher(x)))
+    assert float(l_sc(ctx.model, x, None, logits)) == pytest.approx(float(expected), rel=1e-6)
 
 
 GN = {"channels": [8, 16], "norm": "group"}

@@ -58,7 +58,9 @@ def run_demo(*, data_root: Path | None, out: Path | None, rounds: int | None, wo
         run_experiment(cfg, data_root=root, run_dir=run_dir, federation=federation)
         write_report(run_dir)
         run_dirs.append(run_dir)
-    metric = "dice" if federation.task == "segmentation" else "balanced_accuracy"
+    from histofed.tasks import TASKS
+
+    metric = TASKS.get(federation.task).headline
     table = compare_runs(run_dirs, out / "compare.md", metric=metric)
     typer.echo(f"\n{table}\nTest {metric} per hospital at the last round (no model selection on "
                f"test); 'unseen' = the global model on the held-out hospital "

@@ -44,8 +44,11 @@ a hard mask w = round(|p_g - p| + alpha) (alpha = 0.4) and eps = 1e-6 placed as 
                 + sum(w (1 - p_g) log(1 - p + eps)) / sum(w (1 - p_g) + eps) ]
 
 (the sums in the denominators run over every pixel, so eps is added once per pixel). The
-reference warms up before its first fusion and uses L_sc only afterwards; here round 1 is that
-warm-up (the global model is still the random init), hence ``lsc_from_round = 2``.
+reference warms up before its first fusion (here: round 1, whose global model is still the random
+init) and its first training after the first fusion has no L_sc either (``if step > 0`` in its
+trainer), so the first round with L_sc is round 3: ``lsc_from_round = 3``. The frozen model of
+L_sc is always the aggregated global model theta_g (with ``personalised``, sent beside theta_hat_i
+under ``teacher/`` keys).
 
 ``so = da = lsc = false`` is FedAvg exactly (same code path, tested). Defaults of the reference:
 AdamW, lr 1e-4, betas (0.9, 0.95) ([train] table), a GroupNorm UNet, 5 local epochs per round
@@ -244,7 +247,7 @@ class FedSODA(FedAvg):
     synthetic_size: int = 128
     lsc_alpha: float = 0.4
     lsc_eps: float = 1e-6
-    lsc_from_round: int = 2
+    lsc_from_round: int = 3
     local_epochs: float = 0.0
 
     def __post_init__(self) -> None:
