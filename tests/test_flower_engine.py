@@ -357,3 +357,13 @@ def test_toy_two_model_method_on_flower_equals_inprocess(tmp_path):
     _assert_same_weights(_final(out), _final(ref))
     assert _test_rows(out) == _test_rows(ref)  # the teachers ("personal") stayed on the nodes
     assert {r["model"] for r in _test_rows(out)} == {"global", "personal"}
+
+
+def test_after_fit_rows_are_the_same_on_flower(tmp_path):
+    cfg = _cfg("fedavg", eval={"splits": ["test"], "after_fit": True}, run={"rounds": 2})
+    ref = new_run_dir(tmp_path / "ip", "ip")
+    run_experiment(cfg, data_root=None, run_dir=ref)
+    out = tmp_path / "flower"
+    _serve(cfg, out)
+    tuned = lambda d: [r for r in _test_rows(d) if r["model"] == "finetuned"]  # noqa: E731
+    assert tuned(out) == tuned(ref) and len(tuned(ref)) == 3 * 2

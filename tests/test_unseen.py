@@ -100,3 +100,14 @@ def test_aggregation_weight_by_hand():
     assert got == pytest.approx({"examples": 0.8, "pixels": 3.0, "uniform": 2.0})
     with pytest.raises(ConfigError, match="choose one of 'examples', 'pixels', 'uniform'"):
         FedAvg.from_options(weight="crops")
+
+
+def test_after_fit_scores_each_sites_locally_trained_model(tiny_config, tmp_path):
+    cfg = tiny_config("fedavg", eval={"after_fit": True}, run={"rounds": 2, "eval_every": 2})
+    _, out = _run(cfg, tmp_path, "ft")
+    rows = read_jsonl(out / "metrics.jsonl")
+    tuned = [r for r in rows if r.get("model") == "finetuned"]
+    assert {(r["round"], r["client"], r["split"]) for r in tuned} == {
+        (2, f"synthetic-{i}", "test") for i in range(3)}  # eval rounds only
+    glob = {r["client"]: r["dice"] for r in rows if r.get("model") == "global" and r["round"] == 2}
+    assert any(r["dice"] != glob[r["client"]] for r in tuned)  # a different model was scored

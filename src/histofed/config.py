@@ -69,6 +69,7 @@ class EvalConfig:
     batch_size: int = 4  # windows (segmentation) or items (classification) per forward pass
     threshold: float = 0.5
     select: str = "last"  # final models: "last" round, or "best-val" (best mean validation score)
+    after_fit: bool = False  # also score each site's locally trained model ("finetuned") each eval round
 
 
 @dataclass(frozen=True)

@@ -111,7 +111,7 @@ def job_to_content(job: ClientJob, sha: str) -> RecordDict:
     """The RecordDict of a job message: the job itself and its payload (never its state)."""
     content = RecordDict()
     content[JOB] = ConfigRecord({"kind": job.kind, "cid": int(job.cid), "round": int(job.round),
-                                 "config-sha": sha})
+                                 "config-sha": sha, "evaluate-after": bool(job.evaluate_after)})
     for key, record in payload_to_records(job.payload).items():
         content[key] = record
     return content
@@ -121,7 +121,8 @@ def content_to_job(content: RecordDict) -> tuple[ClientJob, str]:
     """(job without state, config fingerprint) from a job message's content."""
     info = content[JOB]
     job = ClientJob(kind=str(info["kind"]), cid=int(info["cid"]), round=int(info["round"]),
-                    payload=records_to_payload(content))
+                    payload=records_to_payload(content),
+                    evaluate_after=bool(info.get("evaluate-after", False)))
     return job, str(info["config-sha"])
 
 

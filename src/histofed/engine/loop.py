@@ -163,10 +163,12 @@ class Experiment:
                    initial=start_round - 1, total=self.rounds, dynamic_ncols=True)
         for rnd in bar:
             t_fit = time.perf_counter()
-            state = self._fit_round(transport, rnd, state, states)
             last = rnd == self.rounds
+            evaluating = last or rnd % self.config.run.eval_every == 0
+            state = self._fit_round(transport, rnd, state, states,
+                                    after_fit=evaluating and self.config.eval.after_fit)
             t_eval = time.perf_counter()
-            if last or rnd % self.config.run.eval_every == 0:
+            if evaluating:
                 summary, val = self._evaluate_round(transport, rnd, state, states)
                 summary += self._score_unseen(transport, rnd, state, states)
                 bar.set_postfix_str(summary)
@@ -211,7 +213,7 @@ class Experiment:
                 for cid, p in sorted(payloads.items())]
 
     def _fit_round(self, transport: Transport, rnd: int, state: Payload,
-                   states: dict[str, Payload]) -> Payload:
+                   states: dict[str, Payload], after_fit: bool = False) -> Payload:
         participants = self.clients
         if self.algorithm.pooled:
             participants = [ClientInfo(POOLED, "pooled", sum(c.num_train for c in self.clients))]
@@ -219,8 +221,10 @@ class Experiment:
         payloads = self.algorithm.configure_fit(sctx, state)
         if not payloads:  # e.g. Poisson client sampling picked nobody: aggregate nothing
             return self._aggregate(sctx, state, {})
-        results = transport.run(self._jobs("fit", rnd, payloads, states, transport.keeps_state),
-                                desc=f"round {rnd} fit")
+        jobs = self._jobs("fit", rnd, payloads, states, transport.keeps_state)
+        for job in jobs:  # [eval].after_fit: each site also scores the model it just trained
+            job.evaluate_after = after_fit
+        results = transport.run(jobs, desc=f"round {rnd} fit")
         egress, lines, ok = [], [], {}
         if self.algorithm.pooled and rnd == 1:  # what pooling moved: each site's raw training data
             egress += [self._egress(rnd, c.name, "up", "raw-data", int(c.facts.get("raw_bytes", 0)),
@@ -243,6 +247,10 @@ class Experiment:
             ok[res.cid] = res.payload
             egress += self._payload_egress(rnd, name, "up", res.payload, "fit")
             lines.append({"round": rnd, "client": name, "split": "train", **res.logs})
+            for key, metrics in res.metrics.items():  # "finetuned/<split>" (after_fit)
+                model, split = key.split("/")
+                lines.append({"round": rnd, "client": name, "split": split, "model": model,
+                              **metrics})
         rundir.append_jsonl(self.run_dir / "egress.jsonl", egress)
         self._log_metrics(lines)
         if not ok:

@@ -19,7 +19,13 @@ import torch
 from torch.utils.data import ConcatDataset
 
 from histofed.algorithms import build_algorithm
-from histofed.algorithms.base import ClientContext, ClientInfo, ClientTrainingError, Payload
+from histofed.algorithms.base import (
+    ClientContext,
+    ClientInfo,
+    ClientTrainingError,
+    Payload,
+    evaluate_model,
+)
 from histofed.algorithms.training import Trainer
 from histofed.config import Config
 from histofed.data.federation import ClientData, Federation
@@ -38,6 +44,7 @@ class ClientJob:
     payload: Payload
     state: Payload | None = None  # carried by the in-process engine; Flower keeps it on the node
     cost: float = 0.0  # expected work (e.g. training examples); bigger jobs start first
+    evaluate_after: bool = False  # fit: also score the model just trained ("finetuned")
 
 
 @dataclass
@@ -197,6 +204,8 @@ class ClientRuntime:
             try:
                 if job.kind == "fit":
                     result.payload = self.algorithm.fit(ctx, job.payload)
+                    if job.evaluate_after:  # the locally fine-tuned model of this round
+                        result.metrics = evaluate_model(ctx, ctx.model, "finetuned")
                 elif job.kind == "score":
                     result.metrics = score(ctx, job.payload)
                 else:
