@@ -12,8 +12,12 @@ benchmarks/results/fedsoda.md, fedsoda.json and fedsoda.png.
     python benchmarks/fedsoda.py --data-root ../shared/data --rows fedavg fedsoda --seeds 0
 
 Finished runs are reused (``--work`` keeps the run directories), so an interrupted benchmark
-continues where it stopped. Paper scale (GPU): --channels 32 64 128 256 512 --crop 256
---rounds 50 --local-epochs 5 --lr 1e-4.
+continues where it stopped. The reference code's scale (yuanzhang7/FedSODA; GPU-sized): a UNet
+32-256 with two convs per block and GroupNorm of 4 channels per group, AdamW lr 1e-4 with
+weight decay 0.01, batch 4, crops 512, 5 warm-up epochs, then 60 rounds x 5 local epochs; the
+nearest flags here: --channels 32 64 128 256 --res-units 2 --crop 512 --batch 4 --lr 1e-4
+--weight-decay 0.01 --rounds 61 --local-epochs 5 (MONAI's GroupNorm here has up to 8 groups,
+not 4 channels per group).
 """
 
 from __future__ import annotations
@@ -69,7 +73,8 @@ def make_config(args, row: str, seed: int) -> dict:
                   "num_res_units": args.res_units},
         "algorithm": algorithm,
         "train": {"local_steps": args.steps, "batch_size": args.batch, "lr": args.lr,
-                  "optimizer": "adamw", "betas": [0.9, 0.95], "loss": "bce"},
+                  "optimizer": "adamw", "betas": [0.9, 0.95], "loss": "bce",
+                  "weight_decay": args.weight_decay},
         "eval": {"splits": ["test"], "overlap": 0.25, "batch_size": 8},
     }
 
@@ -239,9 +244,8 @@ def write_markdown(args, table: list[dict], clients: list[str], runs: dict, wall
                   "class term normalised by its own mask size, so it is strong however few pixels it covers. "
                   "With a global model this young, that anchor holds the clients back: the measured cost "
                   "is the FedSODA − SO + DA line above. L_sc is large here (last-round training loss "
-                  f"BCE + L_sc = {loss['fedsoda']:.3f} vs BCE = {loss['so_da']:.3f} without it; part of "
-                  "that is the entropy of the soft targets p_g, which no model can remove). Whether L_sc "
-                  "helps once the global model is good cannot be tested at this budget.",
+                  f"BCE + L_sc = {loss['fedsoda']:.3f} vs BCE = {loss['so_da']:.3f} without it). "
+                  "Whether L_sc helps once the global model is good cannot be tested at this budget.",
                   "- **Aggregation.** The cross-assessment similarities are almost equal across partners "
                   "(previous section), so SO, DA and SO + DA reduce to the unweighted mean of the clients (the "
                   "control row matches them). Their gap to FedAvg is the loss of FedAvg's n_k weighting. "
@@ -272,6 +276,8 @@ def main() -> None:
     parser.add_argument("--local-epochs", type=float, default=0.0, help="fedsoda rows only; 0 = --steps")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--weight-decay", type=float, default=0.0,
+                        help="AdamW weight decay (the reference uses 0.01)")
     parser.add_argument("--crop", type=int, default=96)
     parser.add_argument("--channels", nargs="+", type=int, default=[16, 32, 64, 128])
     parser.add_argument("--res-units", type=int, default=0)
