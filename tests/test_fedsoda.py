@@ -299,3 +299,16 @@ def test_single_component_ablations_run(tiny_config, tmp_path, so, da):
     assert ("stats" in row) == so
     scalars = [r for r in read_jsonl(out / "egress.jsonl") if r["kind"] == "scalars"]
     assert all(r["bytes"] > len('{"num_examples":12}') for r in scalars) == so
+
+
+def test_raw_space_comparison_logs_both_weight_spreads(tiny_config, tmp_path):
+    from histofed.algorithms.fedsoda import weight_spread
+
+    w = np.array([[0, .75, .25], [.5, 0, .5], [.25, .75, 0]], float)[:, :, None]
+    assert weight_spread(w) == pytest.approx(0.5)  # off-diagonal: 0.25 .. 0.75
+    cfg = tiny_config("fedsoda", run={"rounds": 1}, model=GN,
+                      algorithm={"lsc": False, "synthetic_size": 32, "compare_raw_space": True})
+    _, out = _run(cfg, tmp_path, "raw")
+    (row,) = read_jsonl(out / "fedsoda.jsonl")
+    assert np.array(row["weights_raw_space"]).shape == np.array(row["weights"]).shape
+    assert 0 <= row["spread"] <= 1 and 0 <= row["spread_raw_space"] <= 1

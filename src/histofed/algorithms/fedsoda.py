@@ -167,6 +167,15 @@ def fuse(models: Sequence[dict[str, np.ndarray]], weights: np.ndarray, key_stage
     return out
 
 
+def weight_spread(weights: np.ndarray) -> float:
+    """max - min of the off-diagonal fusion weights w_ij^l (0 = an unweighted mean)."""
+    k = weights.shape[0]
+    if k < 2:
+        return 0.0
+    off = weights[~np.eye(k, dtype=bool)]  # (K*(K-1)) x L
+    return float(off.max() - off.min())
+
+
 def update_bank(previous: np.ndarray | None, new: np.ndarray, gamma: float) -> np.ndarray:
     """Memory bank v^t = gamma v^{t-1} + (1 - gamma) v_new (v^1 = v_new)."""
     if previous is None:
@@ -249,6 +258,7 @@ class FedSODA(FedAvg):
     lsc_eps: float = 1e-6
     lsc_from_round: int = 3
     local_epochs: float = 0.0
+    compare_raw_space: bool = False  # also log the weights the reference's 0-255 banks give
 
     def __post_init__(self) -> None:
         for key, value in (("lambda", self.lam), ("gamma", self.gamma)):
@@ -355,14 +365,19 @@ class FedSODA(FedAvg):
         model = self._model(sctx)
         hooks, key_stage = self._split(model)
         new_arrays = dict(state.arrays)
+        raw = None
         if self.so:
             banks = self._draw_banks(sctx, state, results, names)
             new_arrays.update({f"{BANK}{c}": banks[c] for c in cids})
             sim = self._feature_similarity(model, hooks, models, [banks[c] for c in cids])
+            if self.compare_raw_space:  # 255 x the same draws = N(255 mu, 255 sigma), as the reference
+                raw = self._feature_similarity(model, hooks, models,
+                                               [banks[c] * np.float32(255.0) for c in cids])
         else:
             sim = self._weight_similarity(models, key_stage, len(hooks))
         if not self.da:
             sim = sim.mean(axis=2, keepdims=True)
+            raw = None if raw is None else raw.mean(axis=2, keepdims=True)
             key_stage = {k: 0 for k in key_stage}
         weights, fallbacks = dynamic_weights(sim)
         fused = fuse(models, weights, key_stage, self.lam)
@@ -372,7 +387,11 @@ class FedSODA(FedAvg):
                 new_arrays.update({f"{PERSONAL}{c}/{k}": v for k, v in theta.items()})
         log = {"round": sctx.round, "clients": [names.get(c, str(c)) for c in cids],
                "similarity": np.round(sim, 6).tolist(), "weights": np.round(weights, 6).tolist(),
-               "fallbacks": fallbacks}
+               "fallbacks": fallbacks, "spread": weight_spread(weights)}
+        if raw is not None:
+            raw_weights, _ = dynamic_weights(raw)
+            log.update(weights_raw_space=np.round(raw_weights, 6).tolist(),
+                       spread_raw_space=weight_spread(raw_weights))
         if self.so:
             log["stats"] = {names.get(c, str(c)): [results[c].scalars["mu"], results[c].scalars["sigma"]]
                             for c in cids}
