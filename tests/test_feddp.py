@@ -198,3 +198,46 @@ def test_torch_inplace_relu_is_named():
     with pytest.raises(ConfigError, match=r"layer 1 \(ReLU with inplace=True\)"):
         check_opacus_compatible(net)
     check_opacus_compatible(nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4), nn.ReLU()))
+
+
+def test_record_level_epsilon_matches_a_hand_computed_sampling_rate(tiny_config, tmp_path):
+    """q = 1 / ceil(n / b) per DP-SGD step (Opacus' Poisson rate), local_steps steps a round."""
+    cfg = tiny_config("feddp", model={"norm": "group", "channels": [8, 16]}, run={"rounds": 2},
+                      algorithm={"level": "record", "sigma": 1.3, "clip": 1.0})
+    _, out = _run(cfg, tmp_path, "rec-eps")
+    n = 2  # synthetic tiny federation: 3 images, test_fraction 0.34 -> 1 test, 2 training images
+    q = 1.0 / np.ceil(n / min(cfg.train.batch_size, n))
+    expected = Ledger([(1.3, q, 2 * cfg.train.local_steps)]).epsilon(1e-5, "rdp")
+    rows = [r for r in read_jsonl(out / "privacy_clients.jsonl") if r["round"] == 2]
+    assert [r["epsilon"] for r in rows] == pytest.approx([expected] * 3, rel=1e-9)
+
+
+def test_per_record_clipping_is_active_in_dp_sgd():
+    """sigma = 0, plain SGD: one step moves the weights by at most lr * C (the mean of clipped
+    per-record gradients has norm <= C), although the raw gradient is far larger."""
+    import torch
+
+    from histofed.algorithms.base import ClientContext
+    from histofed.algorithms.feddp import DPSGDTrainer
+    from histofed.config import EvalConfig, TrainConfig
+    from histofed.data.federation import ClientData
+    from histofed.tasks import make_task
+
+    torch.manual_seed(0)
+    x = torch.randn(16, 3, 8, 8) * 50
+    y = torch.randint(0, 2, (16,))
+    data = torch.utils.data.TensorDataset(x, y)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(192, 2))
+    before = [p.detach().clone() for p in model.parameters()]
+    train = TrainConfig(optimizer="sgd", momentum=0.0, lr=0.1, batch_size=16, local_steps=1)
+    ctx = ClientContext(cid=0, name="a", round=1, seed=0, data=ClientData("a", data, data),
+                        task=make_task("classification", train, 2), model=model, train=train,
+                        eval=EvalConfig(), state=Payload(kind="state"))
+    trainer = DPSGDTrainer(ledger=Ledger(), clip=1e-3, sigma=0.0, target_epsilon=None,
+                           target_rounds=None, delta=1e-5, accountant="rdp")
+    trainer.train(ctx)
+    step = float(torch.sqrt(sum(((p - b) ** 2).sum() for p, b in zip(model.parameters(), before))))
+    assert 0 < step <= 0.1 * 1e-3 * (1 + 1e-5)
+    loss = nn.functional.cross_entropy(model(x), y)  # the unclipped gradient is much larger
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    assert float(torch.sqrt(sum((g ** 2).sum() for g in grads))) > 100 * 1e-3
