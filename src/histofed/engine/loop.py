@@ -2,8 +2,11 @@
 
 Per round t:  payloads = configure_fit -> transport runs client fit jobs -> aggregate
               -> (every eval_every rounds) configure_evaluate -> client evaluate jobs
-              -> metrics.jsonl, egress.jsonl, checkpoint round-t.
-The transport decides where clients run (worker processes here, or Flower nodes).
+                 -> score jobs on held-out sites ([federation].unseen)
+                 -> keep the best round on validation ([eval].select = "best-val")
+              -> metrics.jsonl, egress.jsonl, <method logs>.jsonl, checkpoint round-t.
+The transport decides where clients run (worker processes here, or Flower nodes) and is how
+the server learns the sites (``transport.roster``); the server never builds a dataset.
 """
 
 from __future__ import annotations
@@ -278,7 +281,8 @@ class Experiment:
         return self.models.roster[cid].num_train
 
     def _evaluate_round(self, transport: Transport, rnd: int, state: Payload,
-                        states: dict[str, Payload]) -> str:
+                        states: dict[str, Payload]) -> tuple[str, float]:
+        """Evaluate jobs on the training sites; (progress summary, mean validation score)."""
         sctx = self.server_context(rnd)
         payloads = self.algorithm.configure_evaluate(sctx, state)
         results = transport.run(self._jobs("evaluate", rnd, payloads, states, transport.keeps_state),
