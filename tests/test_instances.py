@@ -192,3 +192,32 @@ def test_against_the_equation_and_monai():
             torch.from_numpy(pred), torch.from_numpy(ref), output_confusion_matrix=True).tolist()
         assert (ours["tp"], ours["fp"], ours["fn"]) == (tp, fp, fn)
         assert ours["iou_sum"] == pytest.approx(iou_sum, abs=1e-5)
+
+
+class _RedIsNucleus(torch.nn.Module):
+    """A 'model' that predicts nucleus wherever the red channel is 1 (logit +-50)."""
+
+    def forward(self, x):  # B x 3 x H x W -> B x 1 x H x W
+        return (x[:, :1] - 0.5) * 100
+
+
+def test_segmentation_evaluate_reports_instance_scores():
+    from histofed.config import EvalConfig, TrainConfig
+    from histofed.data.datasets import SegmentationTiles
+    from histofed.tasks import make_task
+
+    ref = np.zeros((32, 32), np.uint16)
+    ref[4:12, 4:10] = 1
+    ref[4:12, 10:16] = 2  # touching: one blob in the prediction
+    ref[20:28, 20:28] = 3
+    image = np.zeros((32, 32, 3), np.uint8)
+    image[..., 0] = (ref > 0) * 255
+    task = make_task("segmentation", TrainConfig(), 1, crop_size=32)
+    with_ids = task.evaluate(_RedIsNucleus(), SegmentationTiles([image], [ref]), EvalConfig())
+    assert with_ids["dice"] == 1.0 and with_ids["ref_instance_ids"] == 1.0
+    # nuclei 1, 2 merge (IoU 48/96 each, not > 0.5): TP 1, FP 1, FN 2 -> F1 = 2/(2+3) = 0.4
+    # AJI: C = 48 + 48 + 64 (nucleus 3 exact), U = 96 + 96 + 64 -> 160/256
+    assert with_ids["f1"] == pytest.approx(0.4) and with_ids["aji"] == 160 / 256
+    binary = task.evaluate(_RedIsNucleus(), SegmentationTiles([image], [(ref > 0) * 255]),
+                           EvalConfig())
+    assert binary["f1"] == 1.0 and binary["aji"] == 1.0 and binary["ref_instance_ids"] == 0.0

@@ -37,7 +37,8 @@ from histofed.report_plots import (
 )
 
 MEAN_CLIENT = "__mean__"
-MAIN_METRICS = ("dice", "jaccard", "pixel_acc", "accuracy", "balanced_accuracy", "auc")
+MAIN_METRICS = ("dice", "jaccard", "pixel_acc", "aji", "pq", "f1",
+                "accuracy", "balanced_accuracy", "auc")
 MB = 1e6
 PRIVACY_NOTE = (
     "Epsilon is the accountant's upper bound on privacy loss under its assumptions. An empirical "
