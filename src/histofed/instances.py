@@ -290,6 +290,11 @@ def instance_metrics(
             rows.append(image_instance_scores(np.squeeze(p), np.squeeze(t), options))
         except ValueError as err:
             raise ValueError(f"image {i}: {err}") from err
+    return mean_scores(rows)
+
+
+def mean_scores(rows: Sequence[dict[str, float]]) -> dict[str, float]:
+    """Per-image :func:`image_instance_scores` -> the dataset summary of :func:`instance_metrics`."""
     mean = {k: float(np.mean([r[k] for r in rows])) for k in ("aji", "pq", "sq", "f1")}
     return {**mean,
             "ref_instance_ids": float(np.mean([r["ref_instance_ids"] for r in rows])),
@@ -320,5 +325,6 @@ def reference_kind(fraction_with_ids: float) -> str:
 
 __all__: Sequence[str] = (
     "InstanceOptions", "aji", "image_instance_scores", "instance_metrics", "label_instances",
+    "mean_scores",
     "panoptic_quality", "reference_instances", "reference_kind", "relabel",
 )

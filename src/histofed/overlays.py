@@ -30,20 +30,26 @@ TP, FP, FN = (235, 235, 235), (230, 40, 40), (40, 110, 255)  # error map colours
 NUCLEUS_CLASS = {"name": "Nucleus", "color": [0, 200, 0]}
 
 
-def draw_contours(image: np.ndarray, labels: np.ndarray, color=CONTOUR) -> np.ndarray:
+def draw_contours(image: np.ndarray, labels: np.ndarray, color=CONTOUR, *,
+                  thickness: int = 1) -> np.ndarray:
     """Image with the inner boundary pixels of every instance painted ``color``.
 
     Args:
         image: H x W x 3 uint8.
         labels: H x W instance labels (0 = background).
+        thickness: boundary width in pixels (inside the nucleus).
 
     Returns:
         H x W x 3 uint8 copy.
     """
+    from scipy import ndimage
     from skimage.segmentation import find_boundaries
 
+    edge = find_boundaries(labels, mode="inner")  # H x W bool
+    if thickness > 1:
+        edge = ndimage.binary_dilation(edge, iterations=thickness - 1) & (labels > 0)
     out = np.array(image, dtype=np.uint8, copy=True)
-    out[find_boundaries(labels, mode="inner")] = color
+    out[edge] = color
     return out
 
 
@@ -86,20 +92,22 @@ def render_grid(path: Path, rows: Sequence[dict[str, Any]], title: str) -> Path:
     """
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(12, 3.1 * len(rows) + 0.5))
+    fig = Figure(figsize=(12, 3.3 * len(rows) + 0.5), layout="constrained")
     axes = fig.subplots(len(rows), 4, squeeze=False)
     heads = ("image", "reference (yellow)", "prediction (green)",
              "errors: FP red, FN blue, TP grey")
     for ax_row, row in zip(axes, rows):
-        panels = (row["image"], draw_contours(row["image"], row["ref"], REFERENCE),
-                  draw_contours(row["image"], row["pred"]), error_map(row["ref"], row["pred"]))
+        width = max(1, round(max(row["image"].shape[:2]) / 400))  # visible at ~270 px a panel
+        panels = (row["image"],
+                  draw_contours(row["image"], row["ref"], REFERENCE, thickness=width),
+                  draw_contours(row["image"], row["pred"], thickness=width),
+                  error_map(row["ref"], row["pred"]))
         for k, (ax, panel) in enumerate(zip(ax_row, panels)):
             ax.imshow(panel, interpolation="nearest")
             ax.set_xticks([]), ax.set_yticks([])
             ax.set_title(f"{row['caption']}\n{heads[k]}" if k == 0 else heads[k], fontsize=8,
                          loc="left")
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=90)
     return Path(path)

@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from histofed.atomic import atomic_write_text
+from histofed.atomic import _UMASK, atomic_write_text
 from histofed.data.formats import IMAGE_SUFFIXES, DataFormatError, read_image
 from histofed.instances import InstanceOptions, label_instances
 from histofed.overlays import draw_contours, nucleus_features, write_geojson, write_png
@@ -92,6 +92,7 @@ def staged_dir(out: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes it private (0700)
         if out.exists():
             out.rmdir()  # empty (checked above)
         os.replace(tmp, out)
