@@ -227,3 +227,16 @@ def test_evaluate_reports_instance_scores_grids_and_report(tiny_run, tmp_path):
     assert runner.invoke(app, ["report", str(tiny_run)]).exit_code == 0
     html = (tiny_run / "report.html").read_text()
     assert "evaluate-grids/global__inst.png" in html and "instance ids" in html
+
+
+def test_evaluate_clients_gives_one_row_and_grid_per_client(tiny_run, tmp_path):
+    out = tmp_path / "ev"
+    res = runner.invoke(app, ["evaluate", str(tiny_run), "--clients", "--out", str(out),
+                              "--grid-images", "1"])
+    assert res.exit_code == 0, res.output
+    rows = list(csv.DictReader(open(out.with_suffix(".csv"))))
+    assert [r["data"] for r in rows] == ["synthetic-0", "synthetic-1", "synthetic-2"]
+    assert all(r["reference"] == "instance ids" and r["images"] == "1" for r in rows)
+    assert len(list((tmp_path / "ev-grids").glob("global__synthetic-*.png"))) == 3
+    res = runner.invoke(app, ["evaluate", str(tiny_run)])
+    assert res.exit_code == 2 and "--clients" in res.output

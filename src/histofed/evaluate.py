@@ -100,6 +100,8 @@ def evaluate_run(
     data_dirs: list[Path],
     out: Path | None = None,
     *,
+    clients: bool = False,
+    data_root: Path | None = None,
     options: InstanceOptions = InstanceOptions(),
     grid_images: int = 4,
     progress: bool = True,
@@ -119,6 +121,11 @@ def evaluate_run(
         run_dir: a finished segmentation run.
         data_dirs: folders with images/ and masks/ (see :mod:`histofed.data.formats`).
         out: stem of the table files.
+        clients: also evaluate on the test split of each of the run's own clients (the
+            federation rebuilt from config.toml; a simulation's data is on this machine), one
+            row and one grid per client.
+        data_root: the real data for ``clients`` (default: $HISTOFED_DATA, then the run's
+            recorded data_root).
         options: how predicted pixels become nuclei.
         grid_images: images per grid (0 = no grids).
         progress: show a tqdm bar.
@@ -137,6 +144,10 @@ def evaluate_run(
 
     run_dir = Path(run_dir)
     sources = [read_source(Path(d)) for d in data_dirs]  # bad data fails before any work
+    if clients:
+        sources = client_test_sets(run_dir, data_root) + sources
+    if not sources:
+        raise ValueError("nothing to evaluate: pass --data DIR (repeatable) and/or --clients")
     out = Path(out) if out else run_dir / "evaluate"
     grids = out.with_name(out.name + "-grids")
     rows = []
@@ -177,6 +188,31 @@ def evaluate_run(
     atomic_write_text(out.with_suffix(".csv"), buf.getvalue())
     atomic_write_text(out.with_suffix(".md"), md)
     return md
+
+
+def client_test_sets(run_dir: Path, data_root: Path | None = None) -> list:
+    """The test split of each client of a run's federation, as :class:`Source` objects.
+
+    Raises:
+        ValueError / FileNotFoundError: the federation needs data that is not found.
+    """
+    from histofed.data.formats import Source
+    from histofed.engine import data_root_from, load_federation
+
+    config = load_config(Path(run_dir) / "config.toml")
+    info_path = Path(run_dir) / "run.json"
+    recorded = json.loads(info_path.read_text()).get("data_root") if info_path.exists() else None
+    federation = load_federation(config, data_root_from(data_root) or
+                                 (Path(recorded) if recorded else None))
+    out = []
+    for client in federation.clients:
+        test = client.test
+        if test is None or not hasattr(test, "instances"):
+            continue
+        ids = client.info.get("test_ids") or [f"{client.name}-{i}" for i in range(len(test))]
+        out.append(Source(name=client.name, root=Path(run_dir), ids=list(ids),
+                          images=list(test.images), masks=list(test.instances)))
+    return out
 
 
 def _bce(prob: np.ndarray, target: np.ndarray) -> float:
