@@ -62,7 +62,7 @@ def test_nucleus_features_coordinates_by_hand():
 
     labels = np.zeros((8, 8), np.int32)
     labels[1:4, 1:4] = 5  # pixels 1..3 cover [1, 4) in image space: centre (2.5, 2.5)
-    (feat,) = nucleus_features(labels, origin=(100, 200), scale=2.0)
+    (feat,) = nucleus_features(labels, origin=(100, 200), scale=2.0, tolerance=0)
     ring = np.asarray(feat["geometry"]["coordinates"][0])
     assert np.array_equal(ring[0], ring[-1])  # closed
     x, y = ring[:, 0], ring[:, 1]

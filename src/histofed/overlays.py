@@ -150,7 +150,8 @@ def instance_polygons(labels: np.ndarray, *, tolerance: float = 0.0
 
 
 def nucleus_features(labels: np.ndarray, *, origin: tuple[float, float] = (0.0, 0.0),
-                     scale: float = 1.0, keep=None) -> list[dict[str, Any]]:
+                     scale: float = 1.0, keep=None, tolerance: float = 0.5
+                     ) -> list[dict[str, Any]]:
     """GeoJSON features (QuPath detections, class "Nucleus") for the instances of a label map.
 
     Args:
@@ -159,12 +160,14 @@ def nucleus_features(labels: np.ndarray, *, origin: tuple[float, float] = (0.0, 
         scale: output units per label pixel (a slide tile's level-0 pixels per pixel).
         keep: optional ``f(centroid_x, centroid_y) -> bool`` in label-map pixels; instances it
             rejects are left out (e.g. those centred in a tile's overlap margin).
+        tolerance: outline simplification in label pixels (0.5 px keeps every outline within
+            half a pixel and cuts the vertices about fourfold: 14,736 -> 3,557 on CPM-15 image01).
 
     Returns:
         A list of GeoJSON ``Feature`` dicts.
     """
     feats = []
-    for label, xy, (cx, cy) in instance_polygons(labels):
+    for label, xy, (cx, cy) in instance_polygons(labels, tolerance=tolerance):
         if keep is not None and not keep(cx, cy):
             continue
         coords = np.round(xy * scale + np.asarray(origin), 2).tolist()

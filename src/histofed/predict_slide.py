@@ -16,6 +16,7 @@ import dataclasses
 import json
 import os
 import time
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -88,7 +89,7 @@ def predict_slide(
     res = {"magnification": magnification, "mpp": mpp, "assume_mpp": assume_mpp}
     predictor = Predictor(run_dir, which)  # refuses a non-segmentation run before any work
     t0 = time.perf_counter()
-    with slides._opened(slide_path) as slide:
+    with closing(slides.open_slide(slide_path)) as slide:
         spec = slides.tile_spec(slide, tile_size, **res)
         mask = slides.tissue_mask(slide)  # raises NoTissueError on a blank slide
         coords = slides.tile_coords(slide, tile_size, tissue_threshold=tissue_threshold,
