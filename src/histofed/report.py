@@ -37,7 +37,8 @@ from histofed.report_plots import (
 )
 
 MEAN_CLIENT = "__mean__"
-MAIN_METRICS = ("dice", "jaccard", "pixel_acc", "accuracy", "balanced_accuracy", "auc")
+MAIN_METRICS = ("dice", "jaccard", "pixel_acc", "aji", "pq", "f1",
+                "accuracy", "balanced_accuracy", "auc")
 MB = 1e6
 PRIVACY_NOTE = (
     "Epsilon is the accountant's upper bound on privacy loss under its assumptions. An empirical "
@@ -257,6 +258,25 @@ def _run_info(run: Run) -> list[Block]:
     return [("table", ["field", "value"], rows)] + blocks
 
 
+def _evaluation(run: Run) -> list[Block]:
+    """The table ``histofed evaluate`` wrote (evaluate.csv) and its picture grids."""
+    import csv
+
+    with open(run.path / "evaluate.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    blocks: list[Block] = [
+        ("p", "Scores of the run's final models on image/mask folders. AJI (Kumar 2017); PQ = "
+              "DQ x SQ with pairs at IoU > 0.5 (Kirillov 2019, HoVer-Net); f1 = object F1 at IoU "
+              "0.5. 'reference' says whether nuclei came from the masks' ids or from connected "
+              "components of binary masks (touching nuclei merged)."),
+        ("table", rows[0], rows[1:]) if rows else ("p", "evaluate.csv is empty.")]
+    grids = sorted((run.path / "evaluate-grids").glob("*.png"))
+    blocks += [("img", f"evaluate-grids/{g.name}",
+                f"{g.stem.replace('__', ' on ')}: image | reference | prediction | errors "
+                "(FP red, FN blue)") for g in grids]
+    return blocks
+
+
 def _sections(run: Run) -> list[tuple[str, list[Block]]]:
     plots = run.path / "plots"
     no_metrics = [("p", "No metrics recorded yet: metrics.jsonl is missing or empty.")]
@@ -270,6 +290,8 @@ def _sections(run: Run) -> list[tuple[str, list[Block]]]:
     ]
     if run.privacy is not None:
         sections.append(("Privacy", _privacy(run, plots)))
+    if (run.path / "evaluate.csv").exists():
+        sections.append(("Evaluation on image folders (histofed evaluate)", _evaluation(run)))
     sections.append(("Events", [("table", ["round", "client", "event", "message"], events)]
                      if events else [("p", "None.")]))
     sections.append(("Configuration", [("config", run.config)] if run.config is not None

@@ -78,6 +78,14 @@ class SegmentationTask(Task):
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, dataset: Dataset, cfg: EvalConfig) -> dict[str, float]:
+        """Loss, Dice/Jaccard/pixel accuracy and nucleus instance scores (AJI, PQ, SQ, F1).
+
+        Instances: predictions by connected components (or a watershed when ``cfg`` has
+        ``instances = "watershed"``); references by their own ids when the dataset keeps them
+        (``SegmentationTiles.instances``), else connected components. ``ref_instance_ids`` is
+        the fraction of images scored against ids (see :mod:`histofed.instances`).
+        """
+        from histofed.instances import InstanceOptions, instance_metrics
         from histofed.metrics import segmentation_metrics
 
         was_training = model.training
@@ -90,7 +98,11 @@ class SegmentationTask(Task):
             preds.append((prob[0] >= cfg.threshold).numpy())
             targets.append(mask[0].numpy() > 0.5)
         model.train(was_training)
-        return {"loss": float(np.mean(losses)), **segmentation_metrics(preds, targets)}
+        refs = getattr(dataset, "instances", None) or targets  # H x W ids, else binary
+        options = InstanceOptions(split=getattr(cfg, "instances", "components"))
+        inst = instance_metrics(preds, refs, options)
+        return {"loss": float(np.mean(losses)), **segmentation_metrics(preds, targets),
+                **{k: inst[k] for k in ("aji", "pq", "sq", "f1", "ref_instance_ids")}}
 
 
 @register_task("classification")

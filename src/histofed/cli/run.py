@@ -109,18 +109,38 @@ def register(app: typer.Typer) -> None:
     def evaluate(
         run_dir: Annotated[Path, typer.Argument(help="A finished run directory.")],
         data: Annotated[list[Path], typer.Option(
-            help="Image/mask folder(s) (<dir>/images + <dir>/masks); repeat for several.")],
+            help="Image/mask folder(s) (<dir>/images + <dir>/masks); repeat for several.")] = [],  # noqa: B006
+        clients: Annotated[bool, typer.Option(
+            help="Also evaluate on each of the run's own clients' test split (one grid each).")] = False,
+        data_root: Annotated[Optional[Path], typer.Option(
+            help="Real data for --clients (default $HISTOFED_DATA, then the run's data_root).")] = None,
         out: Annotated[Optional[Path], typer.Option(help="Where to write the table (.md and .csv).")] = None,
+        watershed: Annotated[bool, typer.Option(
+            help="Split touching predicted nuclei by a distance-transform watershed.")] = False,
+        min_area: Annotated[int, typer.Option(help="Drop predicted nuclei smaller than this, pixels.")] = 10,
+        grid_images: Annotated[int, typer.Option(
+            help="Images per picture grid (image | reference | prediction | errors); 0 = none.")] = 4,
     ) -> None:
         """Evaluate a run's final global model (and personalised ones) on new image/mask folders.
+
+        Pixel scores (Dice, Jaccard) and nucleus instance scores (AJI, PQ, SQ, F1 at IoU 0.5),
+        against the masks' instance ids where they have them, connected components otherwise
+        (the 'reference' column says which). Writes RUN/evaluate.md, .csv and one picture grid
+        per model and folder in RUN/evaluate-grids/ (shown by `histofed report`).
 
         \b
         Example:
           histofed evaluate runs/20261123-fedavg --data ../shared/data/nuclei/cryonuseg
+          histofed evaluate runs/20261123-fedavg --data ../shared/data/nuclei/cpm15 --watershed
+          histofed evaluate runs/20261123-fedavg --clients   # every client's test split
         """
         from histofed.evaluate import evaluate_run
+        from histofed.instances import InstanceOptions
 
-        table = evaluate_run(run_dir, data, out)
+        options = InstanceOptions(split="watershed" if watershed else "components",
+                                  min_area=min_area)
+        table = evaluate_run(run_dir, data, out, clients=clients, data_root=data_root,
+                             options=options, grid_images=grid_images)
         typer.echo(table)
 
     @app.command()

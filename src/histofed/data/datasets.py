@@ -2,6 +2,8 @@
 
 Both follow the contract in :mod:`histofed.data.federation`. Masks are stored binary
 (``mask > 0`` -> 1), so instance-id masks and 0/255 masks give the same targets.
+:class:`SegmentationTiles` also keeps the masks as given (``instances``), so evaluation can
+score nuclei by their reference ids (AJI, PQ; :mod:`histofed.instances`).
 
 Example:
     >>> import numpy as np
@@ -157,12 +159,15 @@ class SegmentationTiles(Dataset):
     Attributes:
         images: list of H x W x 3 uint8.
         masks: binary masks (list H x W uint8 in {0, 1}).
+        instances: the masks as given (H x W; instance ids, or binary), not copied; instance
+            metrics use their ids when they have more than one (see ``reference_instances``).
     """
 
     def __init__(self, images: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> None:
         _check_pairs(images, masks)
         self.images = list(images)
         self.masks = [binarize(m) for m in masks]
+        self.instances = [np.asarray(m) for m in masks]
 
     def __len__(self) -> int:
         return len(self.images)
