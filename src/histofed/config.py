@@ -70,6 +70,7 @@ class EvalConfig:
     threshold: float = 0.5
     select: str = "last"  # final models: "last" round, or "best-val" (best mean validation score)
     after_fit: bool = False  # also score each site's locally trained model ("finetuned") each eval round
+    instances: str = "components"  # nuclei from binary predictions: "components" | "watershed"
 
 
 @dataclass(frozen=True)
@@ -173,6 +174,8 @@ def _check_ranges(cfg: Config, source: str) -> None:
         (cfg.train.loss in ("bce_dice", "bce", "ce"), '[train].loss: "bce_dice", "bce" or "ce"'),
         (0 <= cfg.eval.overlap < 1, "[eval].overlap must be in [0, 1)"),
         (set(cfg.eval.splits) <= {"val", "test"}, '[eval].splits may hold "val" and "test"'),
+        (cfg.eval.instances in ("components", "watershed"),
+         '[eval].instances: "components" (connected components) or "watershed" (splits touching nuclei)'),
         (cfg.eval.select in ("last", "best-val"),
          '[eval].select: "last" or "best-val" (model selection never looks at the test split)'),
         (cfg.eval.select == "last" or "val" in cfg.eval.splits,
