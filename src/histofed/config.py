@@ -119,10 +119,15 @@ def _typed(table: str, cls: type, raw: dict[str, Any], source: str) -> Any:
             )
         default = getattr(cls(), key)
         if isinstance(default, tuple):
+            if not isinstance(value, (list, tuple)):
+                raise ConfigError(f"{source}: [{table}].{key} = {value!r} should be a list "
+                                  f"(default {list(default)!r})")
             value = tuple(value)
         elif isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
-        elif default is not None and not isinstance(value, type(default)):
+        elif default is not None and (not isinstance(value, type(default))
+                                      or (isinstance(value, bool) and not isinstance(default, bool))):
+            # bool is an int in Python: `rounds = true` must not silently mean 1 round
             raise ConfigError(
                 f"{source}: [{table}].{key} = {value!r} should be of type {type(default).__name__} "
                 f"(default {default!r})"
@@ -171,6 +176,12 @@ def _check_ranges(cfg: Config, source: str) -> None:
         (cfg.train.loss in ("bce_dice", "bce", "ce"), '[train].loss: "bce_dice", "bce" or "ce"'),
         (0 <= cfg.eval.overlap < 1, "[eval].overlap must be in [0, 1)"),
         (set(cfg.eval.splits) <= {"val", "test"}, '[eval].splits may hold "val" and "test"'),
+        (cfg.eval.batch_size >= 1, "[eval].batch_size must be >= 1"),
+        (cfg.eval.window >= 0, "[eval].window must be >= 0 (0 = the federation's crop size)"),
+        (0 < cfg.eval.threshold < 1, "[eval].threshold is a probability: it must be in (0, 1), "
+                                     "e.g. 0.5 (a threshold >= 1 marks no pixel as nucleus)"),
+        (cfg.run.keep_checkpoints >= 0, "[run].keep_checkpoints must be >= 0 (0 = keep all)"),
+        (cfg.train.weight_decay >= 0, "[train].weight_decay must be >= 0"),
     ]
     for ok, message in checks:
         if not ok:
