@@ -18,6 +18,7 @@ Dataset contracts (all tensors are torch, channels first):
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,25 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
 Task = Literal["segmentation", "classification", "mil"]
+
+# A client/site name becomes a file name (checkpoints/.../clients/<name>.npz, final/personal/):
+# one path component, portable to every file system, never "." or "..".
+SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+
+
+def site_name_problem(name: object) -> str | None:
+    """Why ``name`` cannot name a client/site (it becomes a file name), or None when it can."""
+    if not isinstance(name, str) or not SITE_NAME.fullmatch(name) or name.endswith("."):
+        return (f"{name!r} cannot name a site: it becomes a file name in the run directory, so "
+                "use 1-100 letters, digits, '-', '_' or '.', starting with a letter or digit "
+                f"(no '/', '\\', spaces or '..'), e.g. {safe_site_name(str(name))!r}")
+    return None
+
+
+def safe_site_name(name: str) -> str:
+    """A suggestion: ``name`` with every run of unsafe characters replaced by '-'."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.")[:100] or "site"
+
 
 
 @dataclass
@@ -60,8 +80,13 @@ class Federation:
 
     def __post_init__(self) -> None:
         names = [c.name for c in self.clients]
-        if len(set(names)) != len(names):
-            raise ValueError(f"federation {self.name!r}: duplicate client names {names}")
+        for name in names:
+            problem = site_name_problem(name)
+            if problem:
+                raise ValueError(f"federation {self.name!r}: client {problem}")
+        if len({n.lower() for n in names}) != len(names):  # one file on case-blind disks
+            raise ValueError(f"federation {self.name!r}: duplicate client names {names} "
+                             "(names that differ only in case count as the same)")
         for c in self.clients:
             if len(c.train) == 0:
                 raise ValueError(
