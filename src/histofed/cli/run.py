@@ -40,7 +40,8 @@ def register(app: typer.Typer) -> None:
         out: Annotated[Optional[Path], typer.Option(
             help="Run directory (must not exist). Default: runs/<date>-<time>-<name>/.")] = None,
         resume: Annotated[Optional[Path], typer.Option(
-            help="Continue RUN_DIR from its last checkpoint (identical to an uninterrupted run).")] = None,
+            help="Continue RUN_DIR from its last intact checkpoint (identical to an uninterrupted "
+            "run); may change --workers, --data-root and --set train.lr=VALUE.")] = None,
         set_: Annotated[list[str], typer.Option("--set", help="Override a config value: TABLE.KEY=VALUE.")] = [],  # noqa: B006
         workers: Annotated[Optional[int], typer.Option(help="Clients trained at once (0 = cores).")] = None,
         tensorboard: Annotated[bool, typer.Option(help="Also log to TensorBoard (histofed[tensorboard]).")] = False,
@@ -50,22 +51,33 @@ def register(app: typer.Typer) -> None:
         \b
         Example:
           histofed run configs/fedavg-nuclei.toml --data-root ../shared/data
-          histofed run configs/fedprox-nuclei.toml --set algorithm.mu=0.1 --set run.rounds=20
+          histofed run configs/fedavg-nuclei.toml --set algorithm.name=fedprox --set algorithm.mu=0.1
           histofed run --resume runs/20261123-101500-fedavg-nuclei
+          histofed run --resume runs/20261123-101500-fedavg-nuclei --set train.lr=0.0001 --workers 2
 
         The run directory holds config.toml, metrics.jsonl, egress.jsonl (bytes that left each
         site), checkpoints/, final/ weights, report.html and summary.md.
         """
         from histofed.config import load_config
         from histofed.engine import data_root_from, resume_experiment, run_experiment
-        from histofed.engine.rundir import new_run_dir
+        from histofed.engine.rundir import discard_unstarted, new_run_dir
         from histofed.report import write_report
 
         start = time.time()
         if resume is not None:
             if config is not None:
                 raise typer.BadParameter("give either CONFIG or --resume RUN_DIR, not both")
-            resume_experiment(resume, data_root=data_root_from(data_root))
+            fixed = [flag for flag, given in (("--engine", engine), ("--out", out),
+                                              ("--tensorboard", tensorboard)) if given]
+            if fixed:
+                raise typer.BadParameter(
+                    f"{', '.join(fixed)} cannot change a resumed run (it continues in RUN_DIR "
+                    "with its own config); --resume accepts --workers, --data-root and "
+                    "--set train.lr=VALUE")
+            overrides = parse_overrides(set_)
+            if workers is not None:
+                overrides["run.workers"] = workers
+            resume_experiment(resume, data_root=data_root_from(data_root), overrides=overrides)
             run_dir = resume
         else:
             if config is None:
@@ -79,7 +91,11 @@ def register(app: typer.Typer) -> None:
                 overrides["run.tensorboard"] = True
             cfg = load_config(config, overrides)
             run_dir = new_run_dir(out, cfg.run.name)
-            run_experiment(cfg, data_root=data_root_from(data_root), run_dir=run_dir)
+            try:
+                run_experiment(cfg, data_root=data_root_from(data_root), run_dir=run_dir)
+            except BaseException:
+                discard_unstarted(run_dir)  # nothing was learnt yet: leave --out reusable
+                raise
         html, md = write_report(run_dir)
         typer.echo(Path(md).read_text())
         typer.echo(f"\nreport: {html}\nrun directory: {run_dir}  ({time.time() - start:.0f} s)")
@@ -118,8 +134,14 @@ def register(app: typer.Typer) -> None:
         Example:
           histofed evaluate runs/20261123-fedavg --data ../shared/data/nuclei/cryonuseg
         """
+        from histofed.engine.rundir import RunDirError
         from histofed.evaluate import evaluate_run
 
+        if not run_dir.is_dir() or not (run_dir / "config.toml").is_file():
+            what = "does not exist" if not run_dir.exists() else (
+                "is not a folder" if not run_dir.is_dir() else "has no config.toml")
+            raise RunDirError(f"run directory {run_dir} {what}; give the folder of a finished "
+                              "run (runs/<date>-<time>-<name>/ or the --out of `histofed run`)")
         table = evaluate_run(run_dir, data, out)
         typer.echo(table)
 

@@ -6,18 +6,21 @@
       metrics.jsonl      per round, per client, per split: loss, Dice/... or accuracy/...
       egress.jsonl       per round, per client: bytes up/down and their kind
       timing.jsonl       per round: seconds spent training, evaluating, checkpointing
-      checkpoints/round-NNNN/   server.npz + server.json, clients/<name>.npz + .json
+      checkpoints/round-NNNN/   server.npz + server.json, clients/<name>.npz + .json, meta.json,
+                                SHA256SUMS (written last: a checkpoint without it is incomplete)
       final/             global.npz (and personal/<client>.npz where a method keeps them)
       report.html, summary.md, plots/
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
 import tempfile
+import warnings
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -32,21 +35,65 @@ class RunDirError(RuntimeError):
     pass
 
 
+CHECKSUMS = "SHA256SUMS"  # "<sha256>  <relative path>" per file; written last in a checkpoint
+# What a run leaves before its first checkpoint (a new run may reuse such a directory).
+_HEADER_FILES = {"config.toml", "run.json", "checkpoints", "tensorboard", "flower.json"}
+
+
+def safe_stem(name: str) -> str:
+    """``name`` itself when it is safe as one file name (a client/site name), else RunDirError.
+
+    Federations refuse unsafe names when they are built; this is the last guard before a name
+    becomes a path (``checkpoints/.../clients/<name>.npz``, ``final/personal/<name>.npz``).
+    """
+    from histofed.data.federation import site_name_problem
+
+    problem = site_name_problem(name)
+    if problem:
+        raise RunDirError(f"client {problem}")
+    return name
+
+
 def new_run_dir(out: Path | None, name: str, root: Path = Path("runs")) -> Path:
     """Create a fresh run directory; never reuses or overwrites an existing one."""
     if out is None:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         out = root / f"{stamp}-{re.sub(r'[^A-Za-z0-9_.-]+', '-', name)}"
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and not out.is_dir():
         raise RunDirError(
-            f"{out} already exists and is not empty; a run never overwrites another. "
+            f"--out {out} is a file, not a folder; a run directory is a folder. Pick another "
+            "--out (e.g. runs/my-run) or move the file away")
+    if out.exists() and any(out.iterdir()):
+        hint = (" It holds a run that stopped before its first checkpoint (nothing to lose): "
+                "delete the folder, or" if never_finished_a_round(out) else "")
+        raise RunDirError(
+            f"{out} already exists and is not empty; a run never overwrites another.{hint} "
             f"Pick another --out, or continue it with `histofed run --resume {out}`"
         )
     out.mkdir(parents=True, exist_ok=True)
     return out
 
 
+def never_finished_a_round(out: Path) -> bool:
+    """True for a run directory holding only what a run writes before its first checkpoint."""
+    entries = list(out.iterdir()) if out.is_dir() else []
+    if not any(p.name in ("config.toml", "run.json") for p in entries):
+        return False  # not a histofed run: never touch it
+    if any(not (p.name.endswith(".jsonl") or p.name in _HEADER_FILES) for p in entries):
+        return False
+    return not any((out / "checkpoints").glob("round-*"))
+
+
+def discard_unstarted(out: Path) -> bool:
+    """Remove ``out`` when a run failed before its first checkpoint (so --out can be reused).
+
+    Only for a directory this run created (the CLI calls it on failure); returns True if removed.
+    """
+    if never_finished_a_round(out):
+        shutil.rmtree(out, ignore_errors=True)
+        return True
+    return False
 
 
 def append_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -57,9 +104,26 @@ def append_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The rows of a JSON-lines log. A partial last line (a crash mid-write) is dropped with a
+    warning; a bad line elsewhere is an error naming the file and line."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_text().splitlines()
+    rows = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if i == len(lines) - 1:
+                warnings.warn(f"{path}: dropped a partial last line (line {i + 1}, {len(line)} "
+                              "characters; a crash mid-write)", stacklevel=2)
+                continue
+            raise RunDirError(
+                f"{path}, line {i + 1}: not valid JSON ({err.msg}); the log is damaged in the "
+                "middle: delete that line (each line is one record) and retry") from None
+    return rows
 
 
 def truncate_jsonl(path: Path, last_round: int) -> None:
@@ -86,17 +150,38 @@ def load_payload(path_stem: Path) -> Payload:
 
 
 # ---- checkpoints ----------------------------------------------------------------------------
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def clean_stale_temp(run_dir: Path) -> None:
+    """Remove ``checkpoints/.tmp-*`` folders a killed run left half-written."""
+    for tmp in (run_dir / "checkpoints").glob(".tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def save_checkpoint(run_dir: Path, rnd: int, server: Payload, clients: dict[str, Payload],
                     keep: int) -> Path:
-    """Write checkpoint ``round-NNNN`` atomically (temp dir, then rename); prune old ones."""
+    """Write checkpoint ``round-NNNN`` atomically (temp dir, checksums last, then rename);
+    prune old ones."""
     root = run_dir / "checkpoints"
     root.mkdir(exist_ok=True)
+    clean_stale_temp(run_dir)
     final = root / f"round-{rnd:04d}"
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
     save_payload(tmp / "server", server)
     for name, state in clients.items():
-        save_payload(tmp / "clients" / name, state)
+        save_payload(tmp / "clients" / safe_stem(name), state)
     (tmp / "meta.json").write_text(json.dumps({"round": rnd}))
+    files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
+    for f in files:  # on disk before the rename, so a power cut cannot leave empty files
+        with open(tmp / f, "rb") as fh:
+            os.fsync(fh.fileno())
+    (tmp / CHECKSUMS).write_text("".join(f"{_sha256(tmp / f)}  {f}\n" for f in files))
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -111,6 +196,54 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     if not root.exists():
         return []
     return sorted(p for p in root.glob("round-*") if (p / "meta.json").exists())
+
+
+def checkpoint_problem(ckpt: Path) -> str | None:
+    """Why checkpoint ``ckpt`` cannot be resumed from (naming the bad file), or None if intact.
+
+    Checks the SHA-256 of every file listed in SHA256SUMS, then loads everything (a checkpoint
+    written before checksums existed is only loaded).
+    """
+    sums = ckpt / CHECKSUMS
+    if sums.exists():
+        for line in sums.read_text().splitlines():
+            digest, _, rel = line.partition("  ")
+            if not (ckpt / rel).is_file():
+                return f"{ckpt / rel} is missing"
+            if _sha256(ckpt / rel) != digest:
+                size = (ckpt / rel).stat().st_size
+                return f"{ckpt / rel} is damaged ({size} bytes, checksum differs from {CHECKSUMS})"
+        listed = {line.partition("  ")[2] for line in sums.read_text().splitlines()}
+        present = {p.relative_to(ckpt).as_posix() for p in ckpt.rglob("*") if p.is_file()}
+        if present - {CHECKSUMS} <= listed:
+            return None  # every file is byte for byte what was written
+    try:
+        json.loads((ckpt / "meta.json").read_text())["round"]
+    except Exception as err:  # noqa: BLE001 - missing, empty or without "round"
+        return f"{ckpt / 'meta.json'} is unreadable ({type(err).__name__}: {err})"
+    for path in [*sorted(ckpt.rglob("*.json")), *sorted(ckpt.rglob("*.npz"))]:
+        try:
+            if path.suffix == ".json":
+                json.loads(path.read_text())
+            else:
+                with np.load(path) as z:
+                    for key in z.files:
+                        z[key]  # reads (and CRC-checks) every array
+        except Exception as err:  # noqa: BLE001 - any failure to read it means it is damaged
+            return (f"{path} is unreadable ({path.stat().st_size} bytes; "
+                    f"{type(err).__name__}: {err})")
+    return None
+
+
+def set_aside(ckpt: Path) -> Path:
+    """Move a damaged checkpoint out of the way (kept for inspection, never resumed from)."""
+    dest = ckpt.with_name(f"damaged-{ckpt.name}")
+    n = 1
+    while dest.exists():
+        n += 1
+        dest = ckpt.with_name(f"damaged-{ckpt.name}-{n}")
+    os.replace(ckpt, dest)
+    return dest
 
 
 def load_checkpoint(ckpt: Path) -> tuple[int, Payload, dict[str, Payload]]:
