@@ -27,6 +27,32 @@ def parse_overrides(pairs: list[str]) -> dict:
     return out
 
 
+def _check_eval_images(run_dir: Path, data_dirs: list[Path]) -> None:
+    """Refuse images too small for the run's evaluation window, naming the file (headers only)."""
+    from PIL import Image
+
+    from histofed.config import load_config
+    from histofed.data.formats import IMAGE_SUFFIXES, DataFormatError
+    from histofed.engine import too_small_to_evaluate
+
+    config = load_config(run_dir / "config.toml")
+    window = config.eval.window or int(config.federation.options.get("crop_size", 128))
+    for folder in data_dirs:
+        for path in sorted((Path(folder) / "images").glob("*")):
+            if path.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            try:
+                with Image.open(path) as im:
+                    size = im.size
+            except Exception:  # noqa: BLE001 - the reader gives the clear error later
+                continue
+            if too_small_to_evaluate(size, window):
+                raise DataFormatError(
+                    f"image {path} is {size[0]} x {size[1]} px, too small for the run's {window} "
+                    "px evaluation window (sliding windows pad at most half a window). Fix: "
+                    "remove it from the folder or evaluate larger images")
+
+
 def register(app: typer.Typer) -> None:
     """Attach the run-related commands to the main app."""
 
@@ -142,6 +168,7 @@ def register(app: typer.Typer) -> None:
                 "is not a folder" if not run_dir.is_dir() else "has no config.toml")
             raise RunDirError(f"run directory {run_dir} {what}; give the folder of a finished "
                               "run (runs/<date>-<time>-<name>/ or the --out of `histofed run`)")
+        _check_eval_images(run_dir, data)
         table = evaluate_run(run_dir, data, out)
         typer.echo(table)
 

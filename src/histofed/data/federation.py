@@ -28,6 +28,7 @@ from torch.utils.data import Dataset
 
 from histofed.registry import Registry, closest
 
+MAX_CLIENTS = 1000  # sites per federation: cross-silo pathology has tens, not millions
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -169,4 +170,9 @@ def merge_options(federation: str, given: dict[str, Any], defaults: dict[str, An
                 f"{kind.__name__} (default {defaults[key]!r})"
             ) from None
         out[key] = value
+    clients = out.get("num_clients")
+    if isinstance(clients, int) and not 1 <= clients <= MAX_CLIENTS:
+        raise ValueError(
+            f"federation {federation!r}: num_clients = {clients} must be in 1..{MAX_CLIENTS} "
+            "(each client is a site with its own data, model copy and checkpoint files)")
     return out

@@ -26,6 +26,40 @@ def load_federation(config: Config, data_root: Path | None) -> Federation:
                             **config.federation.options)
 
 
+def too_small_to_evaluate(size: tuple[int, int], window: int) -> bool:
+    """Sliding-window evaluation reflect-pads an image up to the window: impossible when a side
+    is not larger than half the window."""
+    return min(size) * 2 <= window
+
+
+def check_eval_sizes(config: Config, federation: Federation) -> None:
+    """Refuse, naming the client and image, val/test images too small for the eval window.
+
+    Raises:
+        DataFormatError: the first such image, with the fix.
+    """
+    from histofed.data.formats import DataFormatError
+    from histofed.engine.runtime import crop_size_of
+
+    if federation.task != "segmentation":
+        return
+    window = config.eval.window or crop_size_of(config, federation)
+    for client in federation.clients:
+        for split in ("val", "test"):
+            dataset = getattr(client, split)
+            ids = client.info.get(f"{split}_ids") or []
+            for i, image in enumerate(getattr(dataset, "images", None) or []):
+                if too_small_to_evaluate(image.shape[:2], window):
+                    name = ids[i] if i < len(ids) else f"#{i}"
+                    where = client.info.get("root", "")
+                    raise DataFormatError(
+                        f"client {client.name!r}: {split} image {name!r}{' in ' + where if where else ''}"
+                        f" is {image.shape[1]} x {image.shape[0]} px, too small for the "
+                        f"{window} px evaluation window (sliding windows pad at most half a "
+                        f"window). Fix: remove the image, or set [eval].window to at most "
+                        f"{2 * min(image.shape[:2]) - 1} (or lower crop_size)")
+
+
 def run_experiment(config: Config, *, data_root: Path | None, run_dir: Path,
                    resume: bool = False, federation: Federation | None = None,
                    stop_after: int | None = None) -> Payload:
@@ -39,6 +73,7 @@ def run_experiment(config: Config, *, data_root: Path | None, run_dir: Path,
     from histofed.engine.loop import Experiment
 
     federation = federation or load_federation(config, data_root)
+    check_eval_sizes(config, federation)
     experiment = Experiment(config, federation, run_dir)
     if not resume:
         experiment.write_header("inprocess")
