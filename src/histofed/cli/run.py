@@ -70,7 +70,7 @@ def register(app: typer.Typer) -> None:
             "run); may change --workers, --data-root and --set train.lr=VALUE.")] = None,
         set_: Annotated[list[str], typer.Option("--set", help="Override a config value: TABLE.KEY=VALUE.")] = [],  # noqa: B006
         workers: Annotated[Optional[int], typer.Option(help="Clients trained at once (0 = cores).")] = None,
-        tensorboard: Annotated[bool, typer.Option(help="Also log to TensorBoard (histofed[tensorboard]).")] = False,
+        tensorboard: Annotated[bool, typer.Option(help="Also log to TensorBoard (needs the optional tensorboard extra).")] = False,
     ) -> None:
         """Run a federated experiment and write a run directory with a report.
 
