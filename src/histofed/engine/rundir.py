@@ -212,7 +212,8 @@ def checkpoint_problem(ckpt: Path) -> str | None:
                 return f"{ckpt / rel} is missing"
             if _sha256(ckpt / rel) != digest:
                 size = (ckpt / rel).stat().st_size
-                return f"{ckpt / rel} is damaged ({size} bytes, checksum differs from {CHECKSUMS})"
+                return (f"{ckpt / rel} is truncated or damaged ({size} bytes; its checksum differs "
+                        f"from {CHECKSUMS})")
         listed = {line.partition("  ")[2] for line in sums.read_text().splitlines()}
         present = {p.relative_to(ckpt).as_posix() for p in ckpt.rglob("*") if p.is_file()}
         if present - {CHECKSUMS} <= listed:
