@@ -24,11 +24,11 @@ def hospitals(tmp_path):
     rng = np.random.default_rng(0)
     for name in ("site-a", "site-b"):
         write_synthetic_source(tmp_path / "hospitals", name, 3, 64, rng)
-    (tmp_path / "hospitals" / "notes").mkdir()  # not a site: ignored with a warning
     return tmp_path / "hospitals"
 
 
 def test_parent_folder_subfolders_are_sites(hospitals):
+    (hospitals / "notes").mkdir()  # not a site: ignored with a warning
     with pytest.warns(UserWarning, match=r"without images/ are not sites.*notes"):
         fed = build_federation("folders", data_root=None, seed=0, root=str(hospitals),
                                crop_size=32)
@@ -56,6 +56,7 @@ def test_sites_table_with_paths_under_the_data_root(hospitals):
     ({"root": "nowhere"}, DataFormatError, r"root = .*nowhere does not exist"),
 ])
 def test_bad_site_options_name_the_site_and_the_fix(hospitals, options, error, message):
+    (hospitals / "notes").mkdir()
     with pytest.raises(error, match=message):
         build_federation("folders", data_root=hospitals, seed=0, **options)
 

@@ -62,8 +62,13 @@ def check_eval_sizes(config: Config, federation: Federation) -> None:
 
 def run_experiment(config: Config, *, data_root: Path | None, run_dir: Path,
                    resume: bool = False, federation: Federation | None = None,
-                   stop_after: int | None = None) -> Payload:
-    """Run ``config`` into ``run_dir`` with the configured engine; returns the final server state."""
+                   stop_after: int | None = None, _resume_checked: bool = False) -> Payload:
+    """Run ``config`` into ``run_dir`` with the configured engine; returns the final server state.
+
+    With ``resume``, damaged checkpoints are set aside first (:func:`resume_point`).
+    """
+    if resume and not _resume_checked:
+        resume_point(Path(run_dir))
     if config.run.engine == "flower":
         from histofed.engine.flower import run_flower_simulation
 
@@ -151,9 +156,8 @@ def resume_experiment(run_dir: Path, *, data_root: Path | None = None,
     saved_root = info.get("data_root")
     if data_root is None:
         data_root = Path(saved_root) if saved_root else data_root_from(None)
-    done = resume_point(run_dir)
     changes: dict[str, Any] = {}
-    if overrides:
+    if overrides:  # validated before anything in the run directory changes
         data = config.to_dict()
         for dotted, value in overrides.items():
             table, _, key = dotted.partition(".")
@@ -161,6 +165,7 @@ def resume_experiment(run_dir: Path, *, data_root: Path | None = None,
                 changes[dotted] = {"from": data[table][key], "to": value}
             data[table][key] = value
         config = config_from_dict(data, source=f"{run_dir / 'config.toml'} with --set")
+    done = resume_point(run_dir)
     if data_root is not None and str(data_root) != (saved_root or ""):
         changes["data_root"] = {"from": saved_root, "to": str(data_root)}
         info["data_root"] = str(data_root)
@@ -173,4 +178,5 @@ def resume_experiment(run_dir: Path, *, data_root: Path | None = None,
         {"from_round": done + 1, "time": time.time(), "changes": changes})
     if info_path.exists():
         rundir.atomic_write_text(info_path, json.dumps(info, indent=2))
-    return run_experiment(config, data_root=data_root, run_dir=run_dir, resume=True)
+    return run_experiment(config, data_root=data_root, run_dir=run_dir, resume=True,
+                          _resume_checked=True)
