@@ -81,6 +81,12 @@ def _too_large(path: Path, what: str, pixels: int | str, limit: int) -> DataForm
     )
 
 
+def _last_row_is_zero(im: Image.Image) -> bool:
+    """A PNG cut short decodes with zero (black) rows at the bottom; a real tile almost never
+    ends in an all-zero row, so only then is the file re-read (:func:`_png_ends_early`)."""
+    return im.height > 0 and not np.asarray(im.crop((0, im.height - 1, im.width, im.height))).any()
+
+
 def _png_ends_early(path: Path) -> bool:
     """True when a PNG's compressed data holds fewer rows than its header promises.
 
@@ -144,7 +150,7 @@ def _decode(path: Path, what: str) -> np.ndarray:
                     # Pillow keeps only the high byte of 16-bit RGB: tifffile reads all bits
                     raise OSError("16-bit RGB TIFF")
                 im.load()
-                if im.format == "PNG" and _png_ends_early(path):
+                if im.format == "PNG" and _last_row_is_zero(im) and _png_ends_early(path):
                     raise OSError("the compressed data ends before the last row (the file was "
                                   "cut short when it was written or copied)")
                 if im.mode == "P" and what == "mask":
