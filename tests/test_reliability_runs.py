@@ -129,7 +129,7 @@ def test_resume_drops_a_partial_last_log_line(full_run, tmp_path):
     out = _crashed_after_round_2(cfg, tmp_path)
     with open(out / "metrics.jsonl", "a") as f:
         f.write('{"round": 3, "client": "synth')  # the crash hit mid-line
-    with pytest.warns(UserWarning, match=r"metrics\.jsonl: dropped a partial last line"):
+    with pytest.warns(UserWarning, match=r"metrics\.jsonl: ignored an incomplete last line"):
         resumed = resume_experiment(out)
     _same(full, resumed)
     assert all("round" in r for r in read_jsonl(out / "metrics.jsonl"))
@@ -137,7 +137,7 @@ def test_resume_drops_a_partial_last_log_line(full_run, tmp_path):
 
 def test_a_bad_line_inside_a_log_names_file_and_line(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"round": 1}\n{oops\n{"round": 2}\n')
-    with pytest.raises(RunDirError, match=r"metrics\.jsonl, line 2: not valid JSON"):
+    with pytest.raises(ValueError, match=r"metrics\.jsonl:2: not valid JSON"):
         read_jsonl(tmp_path / "metrics.jsonl")
 
 

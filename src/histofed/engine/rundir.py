@@ -29,6 +29,7 @@ import numpy as np
 
 from histofed.algorithms.base import Payload
 from histofed.atomic import atomic_write_text
+from histofed.jsonl import iter_jsonl
 
 
 class RunDirError(RuntimeError):
@@ -104,26 +105,8 @@ def append_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """The rows of a JSON-lines log. A partial last line (a crash mid-write) is dropped with a
-    warning; a bad line elsewhere is an error naming the file and line."""
-    if not path.exists():
-        return []
-    lines = path.read_text().splitlines()
-    rows = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            if i == len(lines) - 1:
-                warnings.warn(f"{path}: dropped a partial last line (line {i + 1}, {len(line)} "
-                              "characters; a crash mid-write)", stacklevel=2)
-                continue
-            raise RunDirError(
-                f"{path}, line {i + 1}: not valid JSON ({err.msg}); the log is damaged in the "
-                "middle: delete that line (each line is one record) and retry") from None
-    return rows
+    """The rows of a JSON-lines log ([] if absent); see :func:`iter_jsonl`."""
+    return [row for _, row in iter_jsonl(path)] if path.exists() else []
 
 
 def truncate_jsonl(path: Path, last_round: int) -> None:
