@@ -29,16 +29,16 @@ from pathlib import Path
 from typing import Any
 
 from histofed.data.fed_nuclei import _SPLIT_DEFAULTS, _client, _options
-from histofed.data.federation import Federation, register_federation, site_name_problem
+from histofed.data.federation import (
+    Federation,
+    register_federation,
+    site_name_problem,
+    under_data_root,
+)
 from histofed.data.formats import LAYOUT_HELP, DataFormatError, is_source_dir, read_source
 
 EXAMPLE = ('[federation]\nname = "folders"\nsites = {site-a = "/data/a", site-b = "/data/b"}\n'
            '# or: root = "/data/hospitals"  (one sub-folder per site)')
-
-
-def _under(path: str | Path, data_root: Path | None) -> Path:
-    path = Path(path).expanduser()
-    return path if path.is_absolute() or data_root is None else Path(data_root) / path
 
 
 def _check_name(name: object, where: str) -> str:
@@ -64,7 +64,7 @@ def site_folders(sites: Any, root: Any, data_root: Path | None) -> dict[str, Pat
         if not isinstance(sites, dict) or not sites:
             raise ValueError(f"federation 'folders': sites = {sites!r} must be a table "
                              f"{{site-name = folder}}, e.g.\n{EXAMPLE}")
-        found = {_check_name(k, f"sites key {k!r}"): _under(str(v), data_root)
+        found = {_check_name(k, f"sites key {k!r}"): under_data_root(str(v), data_root)
                  for k, v in sites.items()}
         for name, folder in found.items():
             if not folder.is_dir():
@@ -74,7 +74,7 @@ def site_folders(sites: Any, root: Any, data_root: Path | None) -> dict[str, Pat
                 raise DataFormatError(f"federation 'folders': site {name!r}: {folder} has no "
                                       f"images/ folder; {LAYOUT_HELP}")
         return found
-    parent = _under(str(root), data_root)
+    parent = under_data_root(str(root), data_root)
     if not parent.is_dir():
         raise DataFormatError(f"federation 'folders': root = {parent} does not exist; give the "
                               "folder that holds one sub-folder per site")

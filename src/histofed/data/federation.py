@@ -139,6 +139,12 @@ def build_federation(
     return spec.builder(data_root=Path(data_root) if data_root else None, seed=seed, **options)
 
 
+def under_data_root(path: str | Path, data_root: Path | None) -> Path:
+    """``path`` itself when absolute (or without a data root), else ``data_root / path``."""
+    path = Path(path).expanduser()
+    return path if path.is_absolute() or data_root is None else Path(data_root) / path
+
+
 def merge_options(federation: str, given: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
     """Merge ``given`` into ``defaults``; coerce to the default's type; reject unknown keys.
 
