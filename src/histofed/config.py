@@ -125,8 +125,9 @@ def _typed(table: str, cls: type, raw: dict[str, Any], source: str) -> Any:
             value = tuple(value)
         elif isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
-        elif default is not None and (not isinstance(value, type(default))
-                                      or (isinstance(value, bool) and not isinstance(default, bool))):
+        elif default is not None and (
+                not isinstance(value, type(default))
+                or (isinstance(value, bool) and not isinstance(default, bool))):
             # bool is an int in Python: `rounds = true` must not silently mean 1 round
             raise ConfigError(
                 f"{source}: [{table}].{key} = {value!r} should be of type {type(default).__name__} "

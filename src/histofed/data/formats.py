@@ -163,7 +163,7 @@ def _decode(path: Path, what: str) -> np.ndarray:
                 return np.asarray(im)
     except DataFormatError:
         raise
-    except Image.DecompressionBombError as err:  # Pillow's own check (no $HISTOFED_MAX_IMAGE_PIXELS)
+    except Image.DecompressionBombError as err:  # Pillow's check ($HISTOFED_MAX_IMAGE_PIXELS unset)
         found = re.search(r"\((\d+) pixels\)", str(err))
         raise _too_large(path, what, found.group(1) if found else "too many",
                          limit or 2 * (Image.MAX_IMAGE_PIXELS or 0)) from None

@@ -51,13 +51,13 @@ def check_eval_sizes(config: Config, federation: Federation) -> None:
             for i, image in enumerate(getattr(dataset, "images", None) or []):
                 if too_small_to_evaluate(image.shape[:2], window):
                     name = ids[i] if i < len(ids) else f"#{i}"
-                    where = client.info.get("root", "")
+                    where = f" in {client.info['root']}" if client.info.get("root") else ""
+                    h, w = image.shape[:2]
                     raise DataFormatError(
-                        f"client {client.name!r}: {split} image {name!r}{' in ' + where if where else ''}"
-                        f" is {image.shape[1]} x {image.shape[0]} px, too small for the "
-                        f"{window} px evaluation window (sliding windows pad at most half a "
-                        f"window). Fix: remove the image, or set [eval].window to at most "
-                        f"{2 * min(image.shape[:2]) - 1} (or lower crop_size)")
+                        f"client {client.name!r}: {split} image {name!r}{where} is {w} x {h} px, "
+                        f"too small for the {window} px evaluation window (sliding windows pad "
+                        "at most half a window). Fix: remove the image, or set [eval].window "
+                        f"to at most {2 * min(h, w) - 1} (or lower crop_size)")
 
 
 def run_experiment(config: Config, *, data_root: Path | None, run_dir: Path,
