@@ -183,27 +183,58 @@ def test_out_pointing_at_a_file_is_a_clear_error(tmp_path):
     assert (tmp_path / "taken").read_text() == "keep me"
 
 
-class _AllNaN(ALGORITHMS.get("fedavg")):
-    """FedAvg whose every client fails in round 1 (a run that dies before its first checkpoint)."""
+class _NaNAboveLr(ALGORITHMS.get("fedavg")):
+    """FedAvg whose every client's loss is NaN when [train].lr > 0.05 (a learning rate too high)."""
 
-    name = "all-nan-test"
+    name = "nan-above-lr-test"
 
     def fit(self, ctx, payload):
         from histofed.algorithms.base import ClientTrainingError
 
-        raise ClientTrainingError(f"client {ctx.cid}: loss is nan (lower [train].lr)")
+        if ctx.train.lr > 0.05:
+            raise ClientTrainingError(f"client {ctx.cid}: loss is nan (lower [train].lr)")
+        return super().fit(ctx, payload)
 
 
-if "all-nan-test" not in ALGORITHMS:
-    ALGORITHMS.add("all-nan-test", _AllNaN)
+if "nan-above-lr-test" not in ALGORITHMS:
+    ALGORITHMS.add("nan-above-lr-test", _NaNAboveLr)
 
 
-def test_run_that_fails_before_round_1_leaves_its_out_reusable(tmp_path):
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    return int(proc.stdout)
+
+
+def test_run_that_fails_before_round_1_can_be_resumed_or_its_out_reused(tmp_path):
     out = tmp_path / "run"
-    res = runner.invoke(app, ["run", str(_config_file(tmp_path, "all-nan-test")), "--out", str(out),
-                              "--set", "run.rounds=1"])
-    assert res.exit_code == 2 and "every client failed" in res.output
-    assert not out.exists()
-    res = runner.invoke(app, ["run", str(_config_file(tmp_path)), "--out", str(out),
-                              "--set", "run.rounds=1"])
+    config = _config_file(tmp_path, "nan-above-lr-test", train={"lr": 0.5}, run={"rounds": 1})
+    res = runner.invoke(app, ["run", str(config), "--out", str(out)])
+    assert res.exit_code == 2 and "every client failed" in res.output and "--resume" in res.output
+    # the NaN message's advice works: resume with a lower learning rate
+    res = runner.invoke(app, ["run", "--resume", str(out), "--set", "train.lr=0.01"])
     assert res.exit_code == 0, res.output
+    assert (out / "final" / "global.npz").exists()
+    info = json.loads((out / "run.json").read_text())
+    assert info["resumes"][-1]["changes"]["train.lr"] == {"from": 0.5, "to": 0.01}
+
+
+def test_out_of_a_dead_run_that_never_checkpointed_is_reused_but_a_live_one_is_not(tmp_path):
+    out = tmp_path / "run"
+    config = _config_file(tmp_path, "nan-above-lr-test", train={"lr": 0.5}, run={"rounds": 1})
+    assert runner.invoke(app, ["run", str(config), "--out", str(out)]).exit_code == 2
+    info = json.loads((out / "run.json").read_text())
+    assert info["pid"] == __import__("os").getpid()  # this process: still alive
+    res = runner.invoke(app, ["run", str(config), "--out", str(out), "--set", "train.lr=0.01"])
+    assert res.exit_code == 2 and "never overwrites" in res.output
+    info["pid"] = _dead_pid()  # as if that run had been killed
+    (out / "run.json").write_text(json.dumps(info))
+    res = runner.invoke(app, ["run", str(config), "--out", str(out), "--set", "train.lr=0.01"])
+    assert res.exit_code == 0, res.output
+    assert "stopped before its first checkpoint" in res.output
+    (out / "keep.txt").write_text("not a run file")  # anything unknown: never cleared
+    with pytest.raises(RunDirError, match="never overwrites"):
+        new_run_dir(out, "x")

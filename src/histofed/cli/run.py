@@ -86,7 +86,7 @@ def register(app: typer.Typer) -> None:
         """
         from histofed.config import load_config
         from histofed.engine import data_root_from, resume_experiment, run_experiment
-        from histofed.engine.rundir import discard_unstarted, new_run_dir
+        from histofed.engine.rundir import new_run_dir
         from histofed.report import write_report
 
         start = time.time()
@@ -117,11 +117,7 @@ def register(app: typer.Typer) -> None:
                 overrides["run.tensorboard"] = True
             cfg = load_config(config, overrides)
             run_dir = new_run_dir(out, cfg.run.name)
-            try:
-                run_experiment(cfg, data_root=data_root_from(data_root), run_dir=run_dir)
-            except BaseException:
-                discard_unstarted(run_dir)  # nothing was learnt yet: leave --out reusable
-                raise
+            run_experiment(cfg, data_root=data_root_from(data_root), run_dir=run_dir)
         html, md = write_report(run_dir)
         typer.echo(Path(md).read_text())
         typer.echo(f"\nreport: {html}\nrun directory: {run_dir}  ({time.time() - start:.0f} s)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -82,7 +83,10 @@ def run_experiment(config: Config, *, data_root: Path | None, run_dir: Path,
     experiment = Experiment(config, federation, run_dir)
     if not resume:
         experiment.write_header("inprocess")
-        experiment._write_run_json(data_root=str(data_root) if data_root else None)
+        # pid + host: lets a later run with the same --out tell a dead early failure from a
+        # run still in progress (rundir.new_run_dir)
+        experiment._write_run_json(data_root=str(data_root) if data_root else None,
+                                   pid=os.getpid(), host=socket.gethostname())
     transport = InProcessTransport(config, federation, config.run.workers)
     try:
         return experiment.run(transport, resume=resume, engine="inprocess", stop_after=stop_after,
@@ -176,6 +180,7 @@ def resume_experiment(run_dir: Path, *, data_root: Path | None = None,
                   "(recorded in run.json)")
     info.setdefault("resumes", []).append(
         {"from_round": done + 1, "time": time.time(), "changes": changes})
+    info.update(pid=os.getpid(), host=socket.gethostname())  # who writes the run now
     if info_path.exists():
         rundir.atomic_write_text(info_path, json.dumps(info, indent=2))
     return run_experiment(config, data_root=data_root, run_dir=run_dir, resume=True,

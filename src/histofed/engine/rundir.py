@@ -19,6 +19,8 @@ import json
 import os
 import re
 import shutil
+import socket
+import sys
 import tempfile
 import warnings
 from datetime import datetime
@@ -56,7 +58,12 @@ def safe_stem(name: str) -> str:
 
 
 def new_run_dir(out: Path | None, name: str, root: Path = Path("runs")) -> Path:
-    """Create a fresh run directory; never reuses or overwrites an existing one."""
+    """Create a fresh run directory; never reuses or overwrites one that holds results.
+
+    A directory left by a run that stopped before its first checkpoint (config.toml, run.json,
+    logs of round 1 at most) and whose process is gone holds nothing to lose: it is emptied and
+    reused, with a note. (It can also be continued with ``histofed run --resume``.)
+    """
     if out is None:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         out = root / f"{stamp}-{re.sub(r'[^A-Za-z0-9_.-]+', '-', name)}"
@@ -66,12 +73,14 @@ def new_run_dir(out: Path | None, name: str, root: Path = Path("runs")) -> Path:
             f"--out {out} is a file, not a folder; a run directory is a folder. Pick another "
             "--out (e.g. runs/my-run) or move the file away")
     if out.exists() and any(out.iterdir()):
-        hint = (" It holds a run that stopped before its first checkpoint (nothing to lose): "
-                "delete the folder, or" if never_finished_a_round(out) else "")
-        raise RunDirError(
-            f"{out} already exists and is not empty; a run never overwrites another.{hint} "
-            f"Pick another --out, or continue it with `histofed run --resume {out}`"
-        )
+        if not never_finished_a_round(out) or _owner_alive(out):
+            raise RunDirError(
+                f"{out} already exists and is not empty; a run never overwrites another. "
+                f"Pick another --out, or continue it with `histofed run --resume {out}`")
+        print(f"note: {out} holds a run that stopped before its first checkpoint; starting "
+              "afresh in it", file=sys.stderr, flush=True)
+        for p in list(out.iterdir()):
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -86,15 +95,26 @@ def never_finished_a_round(out: Path) -> bool:
     return not any((out / "checkpoints").glob("round-*"))
 
 
-def discard_unstarted(out: Path) -> bool:
-    """Remove ``out`` when a run failed before its first checkpoint (so --out can be reused).
+def _owner_alive(out: Path) -> bool:
+    """Whether the process that started the run in ``out`` still runs (run.json: pid, host).
 
-    Only for a directory this run created (the CLI calls it on failure); returns True if removed.
+    Unknown (no pid recorded, another machine, unreadable) counts as alive: never clear a
+    directory another run may be writing to.
     """
-    if never_finished_a_round(out):
-        shutil.rmtree(out, ignore_errors=True)
+    try:
+        info = json.loads((out / "run.json").read_text())
+        pid, host = int(info["pid"]), info["host"]
+    except (OSError, ValueError, KeyError, TypeError):
         return True
-    return False
+    if host != socket.gethostname():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def append_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
