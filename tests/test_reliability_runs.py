@@ -238,3 +238,16 @@ def test_out_of_a_dead_run_that_never_checkpointed_is_reused_but_a_live_one_is_n
     (out / "keep.txt").write_text("not a run file")  # anything unknown: never cleared
     with pytest.raises(RunDirError, match="never overwrites"):
         new_run_dir(out, "x")
+
+
+def test_evaluate_with_an_empty_final_weights_file_names_it(tmp_path):  # was: bare "Aborted."
+    from histofed.data.synthetic import write_synthetic_source
+
+    run = tmp_path / "run"
+    (run / "final").mkdir(parents=True)
+    (run / "config.toml").write_text(dump_toml(tiny_config_dict("fedavg")))
+    (run / "final" / "global.npz").write_bytes(b"")
+    site = write_synthetic_source(tmp_path, "site-a", 2, 64, np.random.default_rng(0))
+    res = runner.invoke(app, ["evaluate", str(run), "--data", str(site)])
+    assert res.exit_code == 2, res.output
+    assert "final/global.npz is truncated or damaged (0 bytes" in res.output

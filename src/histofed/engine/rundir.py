@@ -146,10 +146,26 @@ def save_payload(path_stem: Path, payload: Payload) -> None:
 
 
 def load_payload(path_stem: Path) -> Payload:
-    with np.load(path_stem.with_suffix(".npz")) as z:
-        arrays = {k: z[k] for k in z.files}
-    meta = json.loads(path_stem.with_suffix(".json").read_text())
-    return Payload(arrays, meta["scalars"], meta["kind"])
+    """Read ``<stem>.npz`` + ``<stem>.json``.
+
+    Raises:
+        FileNotFoundError: either file is missing.
+        RunDirError: either file is empty, truncated or not what histofed wrote (names it).
+    """
+    path = path_stem.with_suffix(".npz")
+    try:
+        with np.load(path) as z:
+            arrays = {k: z[k] for k in z.files}
+        path = path_stem.with_suffix(".json")
+        meta = json.loads(path.read_text())
+        return Payload(arrays, meta["scalars"], meta["kind"])
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # noqa: BLE001 - BadZipFile, EOFError ("Aborted."), JSON, keys
+        size = path.stat().st_size if path.exists() else 0
+        raise RunDirError(
+            f"{path} is truncated or damaged ({size} bytes; {type(err).__name__}: {err}). "
+            "Restore it from a copy; a run can resume from its previous checkpoint") from None
 
 
 # ---- checkpoints ----------------------------------------------------------------------------
