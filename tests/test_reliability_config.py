@@ -16,6 +16,10 @@ from conftest import tiny_config_dict
     ("eval", "splits", "test", r"\[eval\].splits = 'test' should be a list"),
     ("train", "betas", 0.9, r"\[train\].betas = 0.9 should be a list"),
     ("run", "keep_checkpoints", -1, r"\[run\].keep_checkpoints must be >= 0"),
+    ("run", "seed", -1, r"\[run\].seed must be >= 0"),
+    ("train", "momentum", 1.5, r"\[train\].momentum must be in \[0, 1\)"),
+    ("train", "betas", [0.9], r"\[train\].betas must be two numbers in \[0, 1\)"),
+    ("train", "betas", [0.9, "x"], r"\[train\].betas must be two numbers"),
 ])
 def test_bad_fixed_values_are_refused_with_the_key(table, key, value, message):
     data = tiny_config_dict(**{table: {key: value}})

@@ -183,6 +183,11 @@ def _check_ranges(cfg: Config, source: str) -> None:
                                      "e.g. 0.5 (a threshold >= 1 marks no pixel as nucleus)"),
         (cfg.run.keep_checkpoints >= 0, "[run].keep_checkpoints must be >= 0 (0 = keep all)"),
         (cfg.train.weight_decay >= 0, "[train].weight_decay must be >= 0"),
+        (cfg.run.seed >= 0, "[run].seed must be >= 0 (numpy seeds are non-negative)"),
+        (0 <= cfg.train.momentum < 1, "[train].momentum must be in [0, 1)"),
+        (len(cfg.train.betas) == 2 and all(isinstance(b, (int, float)) and not isinstance(b, bool)
+                                           and 0 <= b < 1 for b in cfg.train.betas),
+         "[train].betas must be two numbers in [0, 1), e.g. [0.9, 0.999]"),
     ]
     for ok, message in checks:
         if not ok:
