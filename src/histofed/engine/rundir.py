@@ -7,7 +7,7 @@
       egress.jsonl       per round, per client: bytes up/down and their kind
       timing.jsonl       per round: seconds spent training, evaluating, checkpointing
       checkpoints/round-NNNN/   server.npz + server.json, clients/<name>.npz + .json, meta.json,
-                                SHA256SUMS (written last: a checkpoint without it is incomplete)
+                                SHA256SUMS (written last; a resume checks it, see checkpoint_problem)
       final/             global.npz (and personal/<client>.npz where a method keeps them)
       report.html, summary.md, plots/
 """
@@ -22,7 +22,6 @@ import shutil
 import socket
 import sys
 import tempfile
-import warnings
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -241,17 +240,11 @@ def checkpoint_problem(ckpt: Path) -> str | None:
         json.loads((ckpt / "meta.json").read_text())["round"]
     except Exception as err:  # noqa: BLE001 - missing, empty or without "round"
         return f"{ckpt / 'meta.json'} is unreadable ({type(err).__name__}: {err})"
-    for path in [*sorted(ckpt.rglob("*.json")), *sorted(ckpt.rglob("*.npz"))]:
+    for npz in sorted(ckpt.rglob("*.npz")):
         try:
-            if path.suffix == ".json":
-                json.loads(path.read_text())
-            else:
-                with np.load(path) as z:
-                    for key in z.files:
-                        z[key]  # reads (and CRC-checks) every array
-        except Exception as err:  # noqa: BLE001 - any failure to read it means it is damaged
-            return (f"{path} is unreadable ({path.stat().st_size} bytes; "
-                    f"{type(err).__name__}: {err})")
+            load_payload(npz.with_suffix(""))  # reads every array (zip CRCs) and its .json
+        except (RunDirError, FileNotFoundError) as err:
+            return str(err).split(". Restore it")[0]
     return None
 
 
