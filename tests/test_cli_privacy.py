@@ -68,3 +68,28 @@ def test_audit_invert_writes_table_json_and_grid(tmp_path):
     assert "not a guarantee" in (out / "invert.md").read_text()
     again = runner.invoke(app, ["audit", "invert", str(cfg), "--tiles", "1", "--out", str(out)])
     assert again.exit_code == 2 and "never overwrites" in again.output
+
+
+def test_budget_with_infinite_noise_costs_nothing():  # was: RuntimeError traceback from PRV
+    res = runner.invoke(app, ["privacy", "budget", "--sigma", "inf", "--q", "1", "--rounds", "3",
+                              "--json"])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.output)["rows"]
+    assert all(r["rdp"] == 0 and r["prv"] == 0 and r["exact"] == 0 for r in rows)
+
+
+def test_budget_falls_back_to_rdp_where_prv_would_need_petabytes():
+    from histofed.privacy.accountant import PRV_MAX_POINTS, prv_grid_points
+
+    assert prv_grid_points([(1e-6, 0.01, 10)], 1e-5) > 1e14 > PRV_MAX_POINTS
+    res = runner.invoke(app, ["privacy", "budget", "--sigma", "1e-6", "--q", "0.01", "--rounds",
+                              "10", "--every", "5", "--json"])
+    assert res.exit_code == 0, res.output
+    assert "note: PRV accountant would need" in res.output and "RDP bound" in res.output
+    rows = json.loads(res.output.splitlines()[-1])["rows"]
+    assert all(r["prv"] == r["rdp"] > 1e11 for r in rows)
+
+
+def test_budget_every_zero_is_a_clear_error():  # was: "range() arg 3 must not be zero"
+    res = runner.invoke(app, ["privacy", "budget", "--sigma", "1", "--rounds", "10", "--every", "0"])
+    assert res.exit_code == 2 and "--every must be >= 1" in res.output

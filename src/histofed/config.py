@@ -25,6 +25,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,10 +123,16 @@ def _typed(table: str, cls: type, raw: dict[str, Any], source: str) -> Any:
             )
         default = getattr(cls(), key)
         if isinstance(default, tuple):
+            if not isinstance(value, (list, tuple)):
+                raise ConfigError(f"{source}: [{table}].{key} = {value!r} should be a list "
+                                  f"(default {list(default)!r})")
             value = tuple(value)
         elif isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
-        elif default is not None and not isinstance(value, type(default)):
+        elif default is not None and (
+                not isinstance(value, type(default))
+                or (isinstance(value, bool) and not isinstance(default, bool))):
+            # bool is an int in Python: `rounds = true` must not silently mean 1 round
             raise ConfigError(
                 f"{source}: [{table}].{key} = {value!r} should be of type {type(default).__name__} "
                 f"(default {default!r})"
@@ -180,6 +187,17 @@ def _check_ranges(cfg: Config, source: str) -> None:
          '[eval].select: "last" or "best-val" (model selection never looks at the test split)'),
         (cfg.eval.select == "last" or "val" in cfg.eval.splits,
          '[eval].select = "best-val" needs "val" in [eval].splits'),
+        (cfg.eval.batch_size >= 1, "[eval].batch_size must be >= 1"),
+        (cfg.eval.window >= 0, "[eval].window must be >= 0 (0 = the federation's crop size)"),
+        (0 < cfg.eval.threshold < 1, "[eval].threshold is a probability: it must be in (0, 1), "
+                                     "e.g. 0.5 (a threshold >= 1 marks no pixel as nucleus)"),
+        (cfg.run.keep_checkpoints >= 0, "[run].keep_checkpoints must be >= 0 (0 = keep all)"),
+        (cfg.train.weight_decay >= 0, "[train].weight_decay must be >= 0"),
+        (cfg.run.seed >= 0, "[run].seed must be >= 0 (numpy seeds are non-negative)"),
+        (0 <= cfg.train.momentum < 1, "[train].momentum must be in [0, 1)"),
+        (len(cfg.train.betas) == 2 and all(isinstance(b, (int, float)) and not isinstance(b, bool)
+                                           and 0 <= b < 1 for b in cfg.train.betas),
+         "[train].betas must be two numbers in [0, 1), e.g. [0.9, 0.999]"),
     ]
     for ok, message in checks:
         if not ok:
@@ -222,8 +240,13 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, dict):
-        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
+        return "{ " + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + " }"
     raise TypeError(f"cannot write {value!r} to TOML")
+
+
+def _toml_key(key: str) -> str:
+    """A bare key where TOML allows one, else quoted (``"site.a"`` must not become a table)."""
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else _toml_value(str(key))
 
 
 def check_options(where: str, options: dict[str, Any], valid: list[str]) -> None:

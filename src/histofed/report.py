@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from histofed.jsonl import iter_jsonl
 from histofed.report_plots import (
     Block,
     egress_plot,
@@ -66,21 +67,11 @@ class Run:
 
 
 def _read_jsonl(path: Path, required: tuple[str, ...], notes: list[str]) -> list[dict] | None:
-    """Parse one JSON object per line; a torn last line (run killed mid-write) is skipped."""
+    """Parse one JSON object per line (rundir.iter_jsonl: a torn last line is skipped)."""
     if not path.exists():
         return None
-    lines = path.read_text(encoding="utf-8").splitlines()
     out = []
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except ValueError as err:
-            if i == len(lines):
-                notes.append(f"{path.name}: ignored an incomplete last line ({i})")
-                continue
-            raise ValueError(f"{path}:{i}: not valid JSON ({err}); fix or delete that line") from err
+    for i, obj in iter_jsonl(path, notes):
         missing = [k for k in required if k not in obj] if isinstance(obj, dict) else required
         if path.name == "metrics.jsonl" and not missing and not ("split" in obj or "event" in obj):
             missing = ["split or event"]

@@ -25,7 +25,7 @@ app = typer.Typer(
     help=(
         "Federated learning for computational pathology: hospitals train together, "
         "pixels stay home.\n\n"
-        "Start with `histofed demo`, then `histofed run configs/fedavg.toml --data-root PATH`."
+        "Start with `histofed demo`, then `histofed run configs/fedavg-nuclei.toml --data-root PATH`."
     ),
     no_args_is_help=True,
     pretty_exceptions_enable=False,

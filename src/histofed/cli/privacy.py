@@ -4,6 +4,7 @@ a target epsilon, without training (Opacus' RDP and PRV accountants)."""
 from __future__ import annotations
 
 import json
+import warnings
 from typing import Annotated, Optional
 
 import typer
@@ -45,7 +46,7 @@ def budget(
     one with mu = sqrt(T)/sigma). Epsilon is an upper bound on privacy loss under the
     accountant's assumptions (add/remove one unit, Poisson sampling at rate q).
     """
-    from histofed.privacy.accountant import noise_for_epsilon
+    from histofed.privacy.accountant import PRVFallbackWarning, noise_for_epsilon
     from histofed.privacy.budget import budget_table, checkpoints, format_table
     from histofed.privacy.dp import PrivacyConfigError, check_mechanism
 
@@ -59,8 +60,15 @@ def budget(
                                   accountant=names[0])
         found = sigma
     assert sigma is not None
-    rows = budget_table(sigma=sigma, q=q, rounds=rounds, delta=delta, accountants=names,
-                        at=checkpoints(rounds, every), population=clients)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", PRVFallbackWarning)
+        rows = budget_table(sigma=sigma, q=q, rounds=rounds, delta=delta, accountants=names,
+                            at=checkpoints(rounds, every), population=clients)
+    notes = [str(w.message).split(" for sigma/q/steps")[0]
+             for w in caught if issubclass(w.category, PRVFallbackWarning)]
+    if notes:  # e.g. tiny sigma: PRV's grid would need petabytes (the last row needs the most)
+        typer.echo(f"note: {notes[-1]}; the prv column shows the RDP bound in {len(notes)} "
+                   "row(s)", err=True)
     if as_json:
         typer.echo(json.dumps({"sigma": sigma, "q": q, "delta": delta, "rounds": rounds,
                                "target_epsilon": target_epsilon, "rows": rows}))

@@ -27,6 +27,32 @@ def parse_overrides(pairs: list[str]) -> dict:
     return out
 
 
+def _check_eval_images(run_dir: Path, data_dirs: list[Path]) -> None:
+    """Refuse images too small for the run's evaluation window, naming the file (headers only)."""
+    from PIL import Image
+
+    from histofed.config import load_config
+    from histofed.data.formats import IMAGE_SUFFIXES, DataFormatError
+    from histofed.engine import too_small_to_evaluate
+
+    config = load_config(run_dir / "config.toml")
+    window = config.eval.window or int(config.federation.options.get("crop_size", 128))
+    for folder in data_dirs:
+        for path in sorted((Path(folder) / "images").glob("*")):
+            if path.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            try:
+                with Image.open(path) as im:
+                    size = im.size
+            except Exception:  # noqa: BLE001 - the reader gives the clear error later
+                continue
+            if too_small_to_evaluate(size, window):
+                raise DataFormatError(
+                    f"image {path} is {size[0]} x {size[1]} px, too small for the run's {window} "
+                    "px evaluation window (sliding windows pad at most half a window). Fix: "
+                    "remove it from the folder or evaluate larger images")
+
+
 def register(app: typer.Typer) -> None:
     """Attach the run-related commands to the main app."""
 
@@ -40,18 +66,20 @@ def register(app: typer.Typer) -> None:
         out: Annotated[Optional[Path], typer.Option(
             help="Run directory (must not exist). Default: runs/<date>-<time>-<name>/.")] = None,
         resume: Annotated[Optional[Path], typer.Option(
-            help="Continue RUN_DIR from its last checkpoint (identical to an uninterrupted run).")] = None,
+            help="Continue RUN_DIR from its last intact checkpoint (identical to an uninterrupted "
+            "run); may change --workers, --data-root and --set train.lr=VALUE.")] = None,
         set_: Annotated[list[str], typer.Option("--set", help="Override a config value: TABLE.KEY=VALUE.")] = [],  # noqa: B006
         workers: Annotated[Optional[int], typer.Option(help="Clients trained at once (0 = cores).")] = None,
-        tensorboard: Annotated[bool, typer.Option(help="Also log to TensorBoard (histofed[tensorboard]).")] = False,
+        tensorboard: Annotated[bool, typer.Option(help="Also log to TensorBoard (needs the optional tensorboard extra).")] = False,
     ) -> None:
         """Run a federated experiment and write a run directory with a report.
 
         \b
         Example:
           histofed run configs/fedavg-nuclei.toml --data-root ../shared/data
-          histofed run configs/fedprox-nuclei.toml --set algorithm.mu=0.1 --set run.rounds=20
+          histofed run configs/fedavg-nuclei.toml --set algorithm.name=fedprox --set algorithm.mu=0.1
           histofed run --resume runs/20261123-101500-fedavg-nuclei
+          histofed run --resume runs/20261123-101500-fedavg-nuclei --set train.lr=0.0001 --workers 2
 
         The run directory holds config.toml, metrics.jsonl, egress.jsonl (bytes that left each
         site), checkpoints/, final/ weights, report.html and summary.md.
@@ -65,7 +93,17 @@ def register(app: typer.Typer) -> None:
         if resume is not None:
             if config is not None:
                 raise typer.BadParameter("give either CONFIG or --resume RUN_DIR, not both")
-            resume_experiment(resume, data_root=data_root_from(data_root))
+            fixed = [flag for flag, given in (("--engine", engine), ("--out", out),
+                                              ("--tensorboard", tensorboard)) if given]
+            if fixed:
+                raise typer.BadParameter(
+                    f"{', '.join(fixed)} cannot change a resumed run (it continues in RUN_DIR "
+                    "with its own config); --resume accepts --workers, --data-root and "
+                    "--set train.lr=VALUE")
+            overrides = parse_overrides(set_)
+            if workers is not None:
+                overrides["run.workers"] = workers
+            resume_experiment(resume, data_root=data_root_from(data_root), overrides=overrides)
             run_dir = resume
         else:
             if config is None:
@@ -134,9 +172,16 @@ def register(app: typer.Typer) -> None:
           histofed evaluate runs/20261123-fedavg --data ../shared/data/nuclei/cpm15 --watershed
           histofed evaluate runs/20261123-fedavg --clients   # every client's test split
         """
+        from histofed.engine.rundir import RunDirError
         from histofed.evaluate import evaluate_run
         from histofed.instances import InstanceOptions
 
+        if not run_dir.is_dir() or not (run_dir / "config.toml").is_file():
+            what = "does not exist" if not run_dir.exists() else (
+                "is not a folder" if not run_dir.is_dir() else "has no config.toml")
+            raise RunDirError(f"run directory {run_dir} {what}; give the folder of a finished "
+                              "run (runs/<date>-<time>-<name>/ or the --out of `histofed run`)")
+        _check_eval_images(run_dir, data or [])
         options = InstanceOptions(split="watershed" if watershed else "components",
                                   min_area=min_area)
         table = evaluate_run(run_dir, data, out, clients=clients, data_root=data_root,

@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import Dataset
 
 from histofed.atomic import atomic_path
+from histofed.data.federation import site_name_problem
 from histofed.data.formats import DataFormatError
 
 FEATURE_KEYS: tuple[str, ...] = ("features", "feats")
@@ -162,6 +163,10 @@ def read_bag_labels(csv_path: str | Path, bags_dir: str | Path | None = None) ->
     if labels.min() < 0:
         raise DataFormatError(f"{csv_path}: labels must be >= 0, got {labels.min()}")
     groups = [r[group_col] for r in rows] if group_col else None
+    for i, group in enumerate(groups or []):
+        problem = site_name_problem(group)
+        if problem:
+            raise DataFormatError(f"{csv_path}, line {i + 2}, column {group_col!r}: {problem}")
     return BagTable([r["slide_id"] for r in rows], paths, labels, groups, class_names)
 
 

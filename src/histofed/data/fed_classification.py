@@ -18,7 +18,13 @@ from typing import Any
 import numpy as np
 
 from histofed.data.bags import BagDataset, Standardizer, read_bag, read_bag_labels
-from histofed.data.federation import ClientData, Federation, merge_options, register_federation
+from histofed.data.federation import (
+    ClientData,
+    Federation,
+    merge_options,
+    register_federation,
+    under_data_root,
+)
 from histofed.data.partition import (
     BySourcePartitioner,
     DirichletPartitioner,
@@ -167,11 +173,6 @@ def _bag_federation(
     )
 
 
-def _resolve(path: str | Path, data_root: Path | None) -> Path:
-    path = Path(path).expanduser()
-    return path if path.is_absolute() or data_root is None else Path(data_root) / path
-
-
 @register_federation(
     "slides-bags",
     task="mil",
@@ -196,7 +197,7 @@ def build_slides_bags(*, data_root: Path | None, seed: int, **options: Any) -> F
             "(columns slide_id,label[,site]), e.g. --option bags_dir=features/h5"
         )
     table = read_bag_labels(
-        _resolve(opt["labels_csv"], data_root), _resolve(opt["bags_dir"], data_root)
+        under_data_root(opt["labels_csv"], data_root), under_data_root(opt["bags_dir"], data_root)
     )
     if table.groups is not None:
         part = BySourcePartitioner(groups=table.groups, seed=seed, min_size=2)

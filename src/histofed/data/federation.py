@@ -19,6 +19,7 @@ Dataset contracts (all tensors are torch, channels first):
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,10 +29,30 @@ from torch.utils.data import Dataset
 
 from histofed.registry import Registry, closest
 
+MAX_CLIENTS = 1000  # sites per federation: cross-silo pathology has tens, not millions
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
 Task = Literal["segmentation", "classification", "mil"]
+
+# A client/site name becomes a file name (checkpoints/.../clients/<name>.npz, final/personal/):
+# one path component, portable to every file system, never "." or "..".
+SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+
+
+def site_name_problem(name: object) -> str | None:
+    """Why ``name`` cannot name a client/site (it becomes a file name), or None when it can."""
+    if not isinstance(name, str) or not SITE_NAME.fullmatch(name) or name.endswith("."):
+        return (f"{name!r} cannot name a site: it becomes a file name in the run directory, so "
+                "use 1-100 letters, digits, '-', '_' or '.', starting with a letter or digit "
+                f"(no '/', '\\', spaces or '..'), e.g. {safe_site_name(str(name))!r}")
+    return None
+
+
+def safe_site_name(name: str) -> str:
+    """A suggestion: ``name`` with every run of unsafe characters replaced by '-'."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.")[:100] or "site"
+
 
 
 @dataclass
@@ -61,8 +82,13 @@ class Federation:
 
     def __post_init__(self) -> None:
         names = [c.name for c in self.clients]
-        if len(set(names)) != len(names):
-            raise ValueError(f"federation {self.name!r}: duplicate client names {names}")
+        for name in names:
+            problem = site_name_problem(name)
+            if problem:
+                raise ValueError(f"federation {self.name!r}: client {problem}")
+        if len({n.lower() for n in names}) != len(names):  # one file on case-blind disks
+            raise ValueError(f"federation {self.name!r}: duplicate client names {names} "
+                             "(names that differ only in case count as the same)")
         for c in self.clients:
             if len(c.train) == 0:
                 raise ValueError(
@@ -155,9 +181,15 @@ def _everything(client: ClientData) -> Dataset:
         from histofed.data.datasets import SegmentationTiles
 
         images = [im for d in parts for im in d.images]
-        masks = [m for d in parts for m in d.masks]
+        masks = [m for d in parts for m in getattr(d, "instances", d.masks)]  # ids where kept
         return SegmentationTiles(images, masks)
     return ConcatDataset(parts)
+
+
+def under_data_root(path: str | Path, data_root: Path | None) -> Path:
+    """``path`` itself when absolute (or without a data root), else ``data_root / path``."""
+    path = Path(path).expanduser()
+    return path if path.is_absolute() or data_root is None else Path(data_root) / path
 
 
 def merge_options(federation: str, given: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
@@ -191,4 +223,9 @@ def merge_options(federation: str, given: dict[str, Any], defaults: dict[str, An
                 f"{kind.__name__} (default {defaults[key]!r})"
             ) from None
         out[key] = value
+    clients = out.get("num_clients")
+    if isinstance(clients, int) and not 1 <= clients <= MAX_CLIENTS:
+        raise ValueError(
+            f"federation {federation!r}: num_clients = {clients} must be in 1..{MAX_CLIENTS} "
+            "(each client is a site with its own data, model copy and checkpoint files)")
     return out

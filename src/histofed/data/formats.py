@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import csv
 import os
+import re
+import struct
 import warnings
+import zlib
 import xml.etree.ElementTree as ET
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -46,27 +49,141 @@ class DataFormatError(ValueError):
 # --------------------------------------------------------------------------- decoding
 
 
+MAX_PIXELS_ENV = "HISTOFED_MAX_IMAGE_PIXELS"
+
+
+def max_image_pixels() -> int | None:
+    """The largest image (in pixels) the readers decode when $HISTOFED_MAX_IMAGE_PIXELS is set
+    (``0`` = no limit); None when unset, and then Pillow's decompression-bomb check applies
+    (2 x ``Image.MAX_IMAGE_PIXELS``, about 179 Mpixels).
+
+    Raises:
+        DataFormatError: the variable is not a whole number.
+    """
+    raw = os.environ.get(MAX_PIXELS_ENV, "").strip()
+    if not raw:
+        return None  # Pillow's own check applies (DecompressionBombError)
+    try:
+        value = int(float(raw))
+    except ValueError:
+        raise DataFormatError(f"{MAX_PIXELS_ENV}={raw!r}: give a number of pixels, e.g. "
+                              f"{MAX_PIXELS_ENV}=400000000, or 0 for no limit") from None
+    Image.MAX_IMAGE_PIXELS = None  # the user's limit replaces Pillow's (checked in _decode)
+    return value if value > 0 else None
+
+
+def _too_large(path: Path, what: str, pixels: int | str, limit: int) -> DataFormatError:
+    return DataFormatError(
+        f"{what} {path} has {pixels} pixels, more than the limit of {limit} that protects "
+        "against decompression bombs (a small file that expands to gigabytes). If you trust "
+        f"the file, allow it with {MAX_PIXELS_ENV}=<pixels> (0 = no limit); a whole slide "
+        "belongs in `histofed data tile`, which reads it tile by tile"
+    )
+
+
+def _last_row_is_zero(im: Image.Image) -> bool:
+    """A PNG cut short decodes with zero (black) rows at the bottom; a real tile almost never
+    ends in an all-zero row, so only then is the file re-read (:func:`_png_ends_early`)."""
+    return im.height > 0 and not np.asarray(im.crop((0, im.height - 1, im.width, im.height))).any()
+
+
+def _png_ends_early(path: Path) -> bool:
+    """True when a PNG's compressed data holds fewer rows than its header promises.
+
+    Pillow decodes such a file without error and leaves the missing rows black (it treats the
+    end of the zlib stream as the end of the image), so the rows are counted here with zlib.
+    """
+    data = path.read_bytes()
+    if data[:8] != b"\x89PNG\r\n\x1a\n" or len(data) < 33:
+        return False
+    width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", data[16:29])
+    channels = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}.get(colour, 1)
+    idat, pos = [], 8
+    while pos + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        if kind == b"IDAT":
+            idat.append(data[pos + 8:pos + 8 + length])
+        pos += 12 + length
+    try:
+        raw = zlib.decompressobj().decompress(b"".join(idat))
+    except zlib.error:
+        return True
+
+    def row_bytes(w: int) -> int:
+        return 1 + (w * depth * channels + 7) // 8  # filter byte + packed samples
+
+    if interlace:  # Adam7: 7 reduced images
+        passes = [(0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4),
+                  (1, 0, 2, 2), (0, 1, 1, 2)]
+        expected = 0
+        for x0, y0, dx, dy in passes:
+            w, h = (width - x0 + dx - 1) // dx, (height - y0 + dy - 1) // dy
+            expected += row_bytes(w) * h if w > 0 and h > 0 else 0
+    else:
+        expected = row_bytes(width) * height
+    return len(raw) < expected
+
+
+def _as_tuple(value: Any) -> tuple:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,)
+
+
 def _decode(path: Path, what: str) -> np.ndarray:
-    """Decode an image file to a numpy array (any dtype/channels); tifffile for odd TIFFs."""
+    """Decode an image file to a numpy array (any dtype/channels); tifffile for odd TIFFs.
+
+    Refuses images above :func:`max_image_pixels` and PNGs whose data ends early (both are
+    decoded without error by Pillow otherwise: the first can exhaust memory, the second reads
+    as an image with a black lower part).
+    """
     if not path.is_file():
         raise DataFormatError(f"{what} {path} does not exist; check the path and file name")
+    limit = max_image_pixels()
     try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode == "P" and what == "mask":
-                return np.asarray(im)  # palette indices are the labels
-            if im.mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV"):
-                im = im.convert("RGBA" if "transparency" in im.info or im.mode == "PA" else "RGB")
-            elif im.mode == "1":
-                im = im.convert("L")
-            return np.asarray(im)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                if limit and im.width * im.height > limit:
+                    raise _too_large(path, what, f"{im.width} x {im.height} = "
+                                     f"{im.width * im.height}", limit)
+                if im.format == "TIFF" and im.mode in ("RGB", "RGBA", "RGBX") and max(
+                        _as_tuple(im.tag_v2.get(258, 8))) > 8:
+                    # Pillow keeps only the high byte of 16-bit RGB: tifffile reads all bits
+                    raise OSError("16-bit RGB TIFF")
+                im.load()
+                if im.format == "PNG" and _last_row_is_zero(im) and _png_ends_early(path):
+                    raise OSError("the compressed data ends before the last row (the file was "
+                                  "cut short when it was written or copied)")
+                if im.mode == "P" and what == "mask":
+                    return np.asarray(im)  # palette indices are the labels
+                if im.mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV"):
+                    im = im.convert("RGBA" if "transparency" in im.info or im.mode == "PA"
+                                    else "RGB")
+                elif im.mode == "1":
+                    im = im.convert("L")
+                return np.asarray(im)
+    except DataFormatError:
+        raise
+    except Image.DecompressionBombError as err:  # Pillow's check ($HISTOFED_MAX_IMAGE_PIXELS unset)
+        found = re.search(r"\((\d+) pixels\)", str(err))
+        raise _too_large(path, what, found.group(1) if found else "too many",
+                         limit or 2 * (Image.MAX_IMAGE_PIXELS or 0)) from None
     except (OSError, ValueError, SyntaxError) as err:  # PIL's "cannot identify", truncation
         reason = str(err)
     if path.suffix.lower() in (".tif", ".tiff"):  # e.g. 16-bit RGB, tiled or odd compression
         try:
             import tifffile
 
-            return np.asarray(tifffile.imread(path))
+            if limit is None and Image.MAX_IMAGE_PIXELS:  # no user limit: Pillow's
+                limit = 2 * Image.MAX_IMAGE_PIXELS
+            with tifffile.TiffFile(path) as tif:
+                shape = tif.series[0].shape
+                pixels = int(np.prod([n for n in shape if n > 4]))  # H x W (not the channels)
+                if limit and pixels > limit:
+                    raise _too_large(path, what, f"{' x '.join(map(str, shape))} = {pixels}",
+                                     limit)
+                return np.asarray(tif.asarray())
+        except DataFormatError:
+            raise
         except Exception as err:  # noqa: BLE001 - any tifffile failure means unreadable
             reason = f"{reason}; tifffile: {err}"
     raise DataFormatError(
@@ -79,7 +196,9 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
     """Read an RGB image.
 
     Conversions: RGBA/LA -> RGB (alpha dropped if fully opaque, else composited on white with
-    a warning); grayscale -> 3 equal channels; 16-bit -> ``round(x / 257)`` so 65535 -> 255;
+    a warning); grayscale -> 3 equal channels; 16-bit -> ``round(x / 257)`` so 65535 -> 255,
+    unless the values fit 8, 10, 12 or 14 bits (e.g. a 12-bit camera: 4095 -> 255, with a
+    warning, since such data read as 16-bit would be near-black);
     float in [0, 1] -> ``round(255 x)``. Pillow decodes 16-bit *RGB PNGs* to their high byte
     itself (``x >> 8``, within 1 of ``x / 257``); 16-bit RGB TIFFs go through tifffile.
 
@@ -124,7 +243,14 @@ def _to_uint8(arr: np.ndarray, path: Path) -> np.ndarray:
     if arr.dtype == np.uint16 or (arr.dtype.kind in "iu" and arr.max(initial=0) <= 65535):
         if arr.min(initial=0) < 0:
             raise DataFormatError(f"image {path} has negative pixel values; save it as RGB uint8")
-        return np.round(arr.astype(np.float32) / 257.0).astype(np.uint8)
+        top = int(arr.max(initial=0))
+        bits = next(b for b in (8, 10, 12, 14, 16) if top < 2**b)
+        if bits < 16:  # e.g. a 12-bit camera in a 16-bit TIFF: x / 257 would be near-black
+            warnings.warn(
+                f"image {path} is stored as 16-bit but its values only reach {top}: read as "
+                f"{bits}-bit data (0..{2**bits - 1} -> 0..255). If it really is that dark, "
+                "save it as 8-bit", stacklevel=3)
+        return np.round(arr.astype(np.float32) * (255.0 / (2**bits - 1))).astype(np.uint8)
     if arr.dtype == bool:
         return arr.astype(np.uint8) * 255
     if arr.dtype.kind == "f" and np.nanmin(arr) >= 0 and np.nanmax(arr) <= 1:

@@ -21,7 +21,9 @@ Example (a generic tiled TIFF made on the spot; real slides work the same way):
 
 from __future__ import annotations
 
+import logging
 import math
+import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -73,6 +75,44 @@ def _name(slide: openslide.AbstractSlide) -> str:
     return str(getattr(slide, "_filename", None) or "slide")
 
 
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # TIFF and BigTIFF
+
+
+def tiff_damage(path: Path) -> str | None:
+    """Why a TIFF-based file (.svs, .tif, .ndpi, ...) is damaged, or None (also for non-TIFFs).
+
+    A file cut short keeps its TIFF header, so OpenSlide reports it as an unknown format; this
+    says instead where the data ends (tifffile reads the page directory).
+    """
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head[:4] not in _TIFF_MAGIC:
+        return None
+    size = path.stat().st_size
+    order = "<" if head[:2] == b"II" else ">"
+    first = (struct.unpack(order + "Q", head[8:16])[0] if head[2:4] in (b"+\x00", b"\x00+")
+             else struct.unpack(order + "I", head[4:8])[0])
+    if first >= size:
+        return f"its first page directory is at byte {first} but the file has only {size} bytes"
+    import tifffile
+
+    try:
+        logging.getLogger("tifffile").disabled = True  # it logs each damaged tag it meets
+        with tifffile.TiffFile(path) as tif:
+            if not len(tif.pages):
+                return f"it holds no readable page; the file has {size} bytes"
+            for page in tif.pages:
+                ends = [o + n for o, n in zip(page.dataoffsets, page.databytecounts, strict=False)]
+                if ends and max(ends) > size:
+                    return (f"its image data runs to byte {max(ends)} but the file has only "
+                            f"{size} bytes")
+    except Exception as err:  # noqa: BLE001 - any parse failure of a TIFF header is damage
+        return f"its TIFF directory cannot be read ({err}); the file has {size} bytes"
+    finally:
+        logging.getLogger("tifffile").disabled = False
+    return None
+
+
 def open_slide(path: str | Path) -> openslide.OpenSlide:
     """Open a whole-slide image with OpenSlide.
 
@@ -86,6 +126,12 @@ def open_slide(path: str | Path) -> openslide.OpenSlide:
     try:
         return openslide.OpenSlide(str(path))
     except openslide.OpenSlideUnsupportedFormatError:
+        damage = tiff_damage(path)
+        if damage:
+            raise SlideError(
+                f"{path} is a TIFF-based slide file that is truncated or corrupt: {damage}. "
+                "Copy or download it again (compare its size or checksum with the original)"
+            ) from None
         raise SlideError(
             f"OpenSlide cannot open {path}: not a whole-slide format it knows. Readable formats: "
             f"{SLIDE_FORMATS}. A plain PNG/JPEG or a striped (untiled) TIFF is not a slide: "

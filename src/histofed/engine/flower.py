@@ -347,6 +347,10 @@ def serve(grid: Grid, spec: RunSpec) -> Payload:
     config = config_with(parse_config(spec.config_text), engine="flower")  # as config.toml says
     spec = dataclasses.replace(spec, config_text=dump_toml(config.to_dict()))
     check_flower_supported(config)
+    if spec.resume and spec.run_dir:  # damaged checkpoints set aside, as in-process
+        from histofed.engine import resume_point
+
+        resume_point(Path(spec.run_dir))
     run_dir = prepare_run_dir(spec.run_dir, config, resume=spec.resume)
     # the server learns the sites from the handshake; it never builds their data
     transport = FlowerTransport(

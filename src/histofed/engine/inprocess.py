@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import threading
+import time
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 
 import torch
@@ -25,8 +27,27 @@ from histofed.engine.runtime import ClientJob, ClientRuntime, JobResult
 _RUNTIME: ClientRuntime | None = None
 
 
-def _init_worker(runtime: ClientRuntime) -> None:
+def exit_with_parent(parent_pid: int, interval: float = 0.5) -> threading.Thread:
+    """End this worker process as soon as ``parent_pid`` is gone (e.g. SIGKILLed).
+
+    A forked worker holds both ends of its task pipe, so it never sees EOF when the parent
+    dies and would wait forever holding its memory. A daemon thread notices the re-parenting
+    (``os.getppid()`` changes) and exits the process.
+    """
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(interval)
+        os._exit(1)
+
+    thread = threading.Thread(target=watch, name="histofed-parent-watch", daemon=True)
+    thread.start()
+    return thread
+
+
+def _init_worker(runtime: ClientRuntime, parent_pid: int | None = None) -> None:
     global _RUNTIME
+    if parent_pid is not None:
+        exit_with_parent(parent_pid)
     torch.set_num_threads(1)  # a worker process: its own thread settings
     torch.set_num_interop_threads(1)
     _RUNTIME = runtime
@@ -61,7 +82,7 @@ class InProcessTransport:
         if self.workers > 1:
             self._pool = ProcessPoolExecutor(
                 max_workers=self.workers, mp_context=_mp_context(),
-                initializer=_init_worker, initargs=(self._local,))
+                initializer=_init_worker, initargs=(self._local, os.getpid()))
 
     def run(self, jobs: list[ClientJob], desc: str = "clients") -> list[JobResult]:
         """Run jobs, biggest first (so the slowest client does not start last)."""

@@ -260,7 +260,7 @@ class Experiment:
             raise RunError(
                 f"round {rnd}: every client failed (see metrics.jsonl events). The checkpoint of "
                 f"round {rnd - 1} is intact: fix the cause (e.g. lower [train].lr) and run "
-                f"`histofed run --resume {self.run_dir}`")
+                f"`histofed run --resume {self.run_dir} --set train.lr=<lower value>`")
         return self._aggregate(sctx, state, ok)
 
     def _aggregate(self, sctx: ServerContext, state: Payload, ok: dict[int, Payload]) -> Payload:
@@ -368,7 +368,7 @@ class Experiment:
             client_state = states.get(client.name, Payload(kind="state"))
             personal = self.algorithm.personal_weights(client, state, client_state)
             if personal:
-                rundir.save_payload(final / "personal" / client.name,
+                rundir.save_payload(final / "personal" / rundir.safe_stem(client.name),
                                     Payload(personal, {}, "weights"))
 
 

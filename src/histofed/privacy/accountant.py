@@ -42,14 +42,62 @@ def check_accountant(name: str, where: str = "[algorithm].accountant") -> str:
     return name
 
 
+# PRV discretises the privacy loss on a grid; tiny sigma (or large q with small sigma) asks
+# for 1e16 points (petabytes). Above this many points PRV falls back to RDP with a warning.
+PRV_MAX_POINTS = 2**24  # ~134 MB per float64 array
+
+
+class PRVFallbackWarning(UserWarning):
+    """PRV could not be computed within memory; the epsilon given is RDP's upper bound."""
+
+
+def prv_grid_points(history: History, delta: float, eps_error: float = 0.01) -> int:
+    """Grid points Opacus' PRV accountant would allocate for ``history`` (its own domain rule)."""
+    from opacus.accountants import PRVAccountant
+    from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV
+
+    prvs = [PoissonSubsampledGaussianPRV(q, s) for s, q, _ in history]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        domain = PRVAccountant()._get_domain(prvs, [n for _, _, n in history], eps_error,
+                                             delta / 1000)  # get_epsilon's delta_error
+    return int(domain.size)
+
+
 def epsilon(history: History, delta: float, accountant: str = "rdp") -> float:
-    """Epsilon spent by ``history`` at ``delta`` (0 for an empty history, inf if any sigma is 0)."""
+    """Epsilon spent by ``history`` at ``delta`` (0 for an empty history, inf if any sigma is 0).
+
+    Releases with infinite noise (sigma = inf) cost nothing. PRV falls back to RDP (an upper
+    bound as well) with a :class:`PRVFallbackWarning` when its grid would exceed
+    :data:`PRV_MAX_POINTS` or Opacus cannot compute it.
+    """
     check_accountant(accountant)
-    history = [(float(s), float(q), int(n)) for s, q, n in history if int(n) > 0]
+    history = [(float(s), float(q), int(n)) for s, q, n in history
+               if int(n) > 0 and not np.isposinf(float(s))]
     if not history:
         return 0.0
     if any(s <= 0 for s, _, _ in history):
         return float("inf")
+    if accountant == "prv":
+        points = prv_grid_points(history, delta)
+        if points > PRV_MAX_POINTS:
+            warnings.warn(PRVFallbackWarning(
+                f"PRV accountant would need {points:.3g} grid points (~{points * 8 / 1e9:.3g} GB "
+                f"per array) for sigma/q/steps {history}; reporting the RDP bound instead"),
+                stacklevel=2)
+            accountant = "rdp"
+    try:
+        return _opacus_epsilon(history, delta, accountant)
+    except RuntimeError as err:  # PRV: "Cannot compute epsilon" at extreme settings
+        if accountant != "prv":
+            raise
+        warnings.warn(PRVFallbackWarning(f"PRV accountant failed ({err}) for sigma/q/steps "
+                                         f"{history}; reporting the RDP bound instead"),
+                      stacklevel=2)
+        return _opacus_epsilon(history, delta, "rdp")
+
+
+def _opacus_epsilon(history: History, delta: float, accountant: str) -> float:
     from opacus.accountants import create_accountant
 
     acc = create_accountant(mechanism=accountant)
@@ -103,6 +151,8 @@ def gaussian_epsilon(*, sigma: float, steps: int, delta: float) -> float:
     """Exact epsilon of ``steps`` Gaussian releases (q = 1) with noise multiplier ``sigma``."""
     if sigma <= 0:
         return float("inf")
+    if np.isposinf(sigma):
+        return 0.0  # infinite noise releases nothing
     mu = np.sqrt(steps) / sigma
     if _gdp_delta(0.0, mu) <= delta:
         return 0.0

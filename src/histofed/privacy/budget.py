@@ -26,6 +26,10 @@ def checkpoints(rounds: int, every: int | None = None) -> list[int]:
         raise PrivacyConfigError(f"--rounds must be >= 1, got {rounds}")
     if every is None:
         every = max(1, int(np.ceil(rounds / 10)))
+    if every < 1:
+        from histofed.privacy.dp import PrivacyConfigError
+
+        raise PrivacyConfigError(f"--every must be >= 1 (a row every N rounds), got {every}")
     return sorted({*range(every, rounds + 1, every), rounds})
 
 

@@ -1,0 +1,5 @@
+"""`python -m histofed.cli ...` runs the `histofed` command."""
+
+from histofed.cli import main
+
+main()
