@@ -123,33 +123,46 @@ def main() -> None:
                     run_experiment(cfg, data_root=root, run_dir=run_dir, resume=True)
                 else:
                     run_experiment(cfg, data_root=root, run_dir=new_run_dir(run_dir, name))
-            results.setdefault(name, {"label": label, "seeds": {}})["seeds"][seed] = scores(run_dir)
-            print(name, seed, results[name]["seeds"][seed], flush=True)
+            print(name, seed, scores(run_dir), flush=True)
+    # the table holds every finished run under --work (earlier invocations included)
+    for name, (label, _) in VARIANTS.items():
+        for run_dir in sorted(args.work.glob(f"{name}-s*")):
+            info = run_dir / "run.json"
+            if info.exists() and "finished" in json.loads(info.read_text()):
+                seed = int(run_dir.name.rsplit("-s", 1)[1])
+                results.setdefault(name, {"label": label, "seeds": {}})["seeds"][seed] = \
+                    scores(run_dir)
     write_results(results, args)
 
 
 def write_results(results: dict, args) -> None:
     def agg(name, key):
         vals = [s[key] for s in results[name]["seeds"].values()]
-        return float(np.mean(vals))
+        mean = float(np.mean(vals))
+        if len(vals) < 2:
+            return f"{mean:.4f}" if key != "seconds" else f"{mean:.0f}"
+        return (f"{mean:.4f} ± {float(np.std(vals, ddof=1)):.4f}" if key != "seconds"
+                else f"{mean:.0f}")
 
     lines = ["# Defaults for non-IID federations (FedAvg, real nuclei data)", "",
              f"Base: {VARIANTS['base'][0]}. Federation: nuclei-multisource without CryoNuSeg, "
              f"`{UNSEEN}` held out (bladder, colon, stomach: organs no training site has), "
              "val_fraction 0.2 per site, test_fraction 0.34; UNet 16-128, crops 128, batch 8; "
              f"{args.rounds} rounds x {args.steps} local steps unless the row says otherwise; "
-             f"seeds {args.seeds}; {platform.processor() or platform.machine()}, "
+             f"seeds per row as listed (mean ± sample std where more than one); "
+             f"{platform.processor() or platform.machine()}, "
              f"{args.workers} workers, torch {torch.__version__}.", "",
              "Dice at the last round. **val**: mean over training sites' validation tiles (what "
              "the defaults are chosen on); **test**: their test tiles; **unseen**: the global "
              "model on every tile of the held-out hospital; **best local on unseen**: the best "
              "single site's own model there (local-only row).", "",
-             "| variant | what changes | val | test | unseen | best local on unseen | s |",
-             "|---|---|---|---|---|---|---|"]
+             "| variant | what changes | seeds | val | test | unseen | best local on unseen | s |",
+             "|---|---|---|---|---|---|---|---|"]
     for name in results:
-        lines.append(f"| {name} | {results[name]['label']} | {agg(name, 'val'):.4f} | "
-                     f"{agg(name, 'test'):.4f} | {agg(name, 'unseen'):.4f} | "
-                     f"{agg(name, 'best_local_unseen'):.4f} | {agg(name, 'seconds'):.0f} |")
+        seeds = ",".join(str(s) for s in sorted(results[name]["seeds"]))
+        lines.append(f"| {name} | {results[name]['label']} | {seeds} | {agg(name, 'val')} | "
+                     f"{agg(name, 'test')} | {agg(name, 'unseen')} | "
+                     f"{agg(name, 'best_local_unseen')} | {agg(name, 'seconds')} |")
     write_text(RESULTS / "defaults.md", "\n".join(lines) + "\n")
     (RESULTS / "defaults.json").write_text(json.dumps(
         {"results": results, "args": {k: str(v) for k, v in vars(args).items()},
