@@ -96,6 +96,31 @@ def scores(run_dir: Path) -> dict:
             "seconds": float(sum(t["fit_seconds"] + t["eval_seconds"] for t in timing))}
 
 
+def decide(results: dict) -> list[str]:
+    """A variant replaces the base only if its mean validation Dice beats the base's by more
+    than twice the larger seed std of the two, with >= 2 seeds each; otherwise the base stays."""
+    def vals(name):
+        return [s["val"] for s in results[name]["seeds"].values()]
+
+    out = []
+    base = vals("base") if "base" in results else []
+    for name in results:
+        if name == "base" or name.startswith("ref-") or not base:
+            continue
+        v = vals(name)
+        diff = float(np.mean(v) - np.mean(base))
+        if len(v) < 2 or len(base) < 2:
+            verdict = "one seed only: not enough to change a default" if diff > 0 else \
+                "worse on validation: base kept"
+        else:
+            noise = 2 * max(float(np.std(v, ddof=1)), float(np.std(base, ddof=1)))
+            verdict = ("**adopted**" if diff > noise else
+                       f"within seed noise (2 std = {noise:.4f}): base kept" if diff > 0 else
+                       "worse on validation: base kept")
+        out.append(f"- {name}: val {diff:+.4f} vs base ({len(v)} vs {len(base)} seeds): {verdict}")
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-root", type=Path, default=None)
@@ -163,6 +188,7 @@ def write_results(results: dict, args) -> None:
         lines.append(f"| {name} | {results[name]['label']} | {seeds} | {agg(name, 'val')} | "
                      f"{agg(name, 'test')} | {agg(name, 'unseen')} | "
                      f"{agg(name, 'best_local_unseen')} | {agg(name, 'seconds')} |")
+    lines += ["", "## Decision (validation Dice only)", "", *decide(results)]
     write_text(RESULTS / "defaults.md", "\n".join(lines) + "\n")
     (RESULTS / "defaults.json").write_text(json.dumps(
         {"results": results, "args": {k: str(v) for k, v in vars(args).items()},
