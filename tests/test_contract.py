@@ -172,8 +172,16 @@ def test_option_strings_from_the_command_line_are_coerced():
 def test_model_options_are_checked(tiny_config, tmp_path):
     from histofed.models import build_model
 
-    with pytest.raises(ConfigError, match=r"\[model\] 'unet': option channels = 'abc' should be"):
+    with pytest.raises(ConfigError, match=r"\[model\] 'unet': option channels = 'abc' should be "
+                                          r"a list of int \(default"):
         build_model(NamedConfig("unet", {"channels": "abc"}), num_classes=1)
+    with pytest.raises(ConfigError, match=r"channels = \[8, -16\]: a list of positive integers"):
+        build_model(NamedConfig("unet", {"channels": [8, -16]}), num_classes=1)
+    out = tmp_path / "bad-model"  # fails before anything is written into the run directory
+    with pytest.raises(ConfigError, match="channels"):
+        run_experiment(tiny_config(model={"channels": [8, -16]}), data_root=None,
+                       run_dir=new_run_dir(out, "bad"))
+    assert not any(out.iterdir())
 
 
 # ---- the generic DP wrapper ---------------------------------------------------------------------

@@ -124,7 +124,7 @@ def test_nan_client_is_dropped_with_clear_event(tiny_config, tmp_path):
 def test_all_clients_failing_stops_with_resume_hint(tiny_config, tmp_path):
     _NaNAlgorithm.bad_clients = (0, 1, 2)
     try:
-        with pytest.raises(RunError, match="every client failed.*--resume"):
+        with pytest.raises(RunError, match="every client failed.*--resume .* --set train.lr=<lower value>"):
             _run(tiny_config("nan-test", run={"rounds": 2}), tmp_path, "allnan")
     finally:
         _NaNAlgorithm.bad_clients = (1,)

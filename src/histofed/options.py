@@ -214,7 +214,8 @@ def type_name(annotation: Any) -> str:
         return names[annotation]
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
-        parts = [type_name(a) for a in typing.get_args(annotation) if a is not type(None)]
+        parts = list(dict.fromkeys(type_name(a) for a in typing.get_args(annotation)
+                                   if a is not type(None)))  # tuple[int, ...] | list[int]: once
         none = type(None) in typing.get_args(annotation)
         return " or ".join(parts) + (" (or omitted)" if none else "")
     if origin in (list, tuple):

@@ -94,6 +94,8 @@ class Experiment:
         first = self.clients[0]
         self.task = make_task(first.task, config.train, first.num_classes,
                               int(first.facts.get("crop_size", 128)))
+        for cid in ([None] if self.models.shared else [c.cid for c in self.clients]):
+            self.models(cid)  # a bad [model] fails here, before the run directory is written
         self.rounds = 1 if self.algorithm.one_shot else config.run.rounds
         self.names = {c.cid: c.name for c in roster} | {POOLED: "pooled"}
         self.best = BestSnapshot(self.run_dir, higher_is_better=self.task.headline != "loss")

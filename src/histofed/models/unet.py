@@ -44,6 +44,9 @@ def build_unet(
     if norm not in _NORMS:
         raise ConfigError(f"[model].norm = {norm!r}: choose one of {', '.join(_NORMS)}")
     channels = tuple(channels)
+    if not all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in channels):
+        raise ConfigError(f"[model].channels = {list(channels)!r}: a list of positive integers, "
+                          "e.g. [16, 32, 64, 128]")
     if len(channels) < 2:
         raise ConfigError("[model].channels needs at least two levels, e.g. [16, 32, 64, 128]")
     strides = tuple(strides) if strides else (2,) * (len(channels) - 1)
