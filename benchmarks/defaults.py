@@ -125,9 +125,11 @@ def decide(results: dict) -> list[str]:
         out += ["", f"On the unseen hospital the base FedAvg model scores {fed:.4f}: "
                     f"{100 * (pooled - fed):.1f} Dice points below pooled training ({pooled:.4f}) and "
                     f"{100 * (fed - local):+.1f} points against the best hospital's own model "
-                    f"({local:.4f}). Test and validation tiles of the training hospitals rank the "
-                    "references differently (pooled training fits the large CPM-15 site best), "
-                    "which is why the unseen hospital is the column that tells what federation buys."]
+                    f"({local:.4f}). On the training hospitals' own test tiles the ranking differs "
+                    "(local-only highest, pooled lowest at this budget; not investigated here), "
+                    "so the unseen hospital is the column that says what federation buys a new "
+                    "site. One seed: differences of a point or two are within what a second seed "
+                    "could move."]
     return out
 
 
