@@ -189,8 +189,8 @@ class FedWSIDD(Algorithm):
     instances of real bags; "noise": N(0, 1) in the site's standardised space), ``embed``
     ("random-relu" or "identity") with ``embed_dim``, ``pool`` ("union" | "mean"),
     ``upload_dtype`` ("float16" | "float32"), ``finetune_steps`` (0: [train].local_steps),
-    ``use_synthetic`` (false: round 2 trains on real bags only -- the local-only ablation with
-    the very same steps)."""
+    ``use_synthetic`` (false: nothing is distilled or sent and round 2 trains on real bags only --
+    the local-only ablation with the very same models and steps)."""
 
     ipc: int = option(2, ge=1, help="synthetic bags per class")
     nps: int = option(16, ge=1, help="instances per synthetic bag")
@@ -221,18 +221,19 @@ class FedWSIDD(Algorithm):
     def configure_fit(self, sctx: ServerContext, state: Payload) -> dict[int, Payload]:
         if sctx.round == 1:
             return {c.cid: Payload(kind="none") for c in sctx.clients}
+        if not self.use_synthetic:
+            return {c.cid: Payload(kind="none") for c in sctx.clients}
         synthetic = unprefixed("synthetic", state.arrays)  # sent in upload_dtype, as uploaded
         pooled = Payload({"bags": synthetic["bags"].astype(self.upload_dtype),
                           "labels": synthetic["labels"]}, {}, kind="synthetic-bags")
-        if not self.use_synthetic:
-            pooled = Payload(kind="none")
         return {c.cid: pooled for c in sctx.clients}
 
     def configure_evaluate(self, sctx: ServerContext, state: Payload) -> dict[int, Payload]:
         return {c.cid: Payload(kind="none") for c in sctx.clients}
 
     def aggregate(self, sctx: ServerContext, state: Payload, results: dict[int, Payload]) -> Payload:
-        if sctx.round != 1:
+        results = {c: p for c, p in results.items() if "bags" in p.arrays}
+        if sctx.round != 1 or not results:  # round 2, or the no-exchange ablation
             return state
         uploads = [(results[c].arrays["bags"], results[c].arrays["labels"]) for c in sorted(results)]
         bags, labels = pool_synthetic(uploads, self.pool)
@@ -315,6 +316,8 @@ class FedWSIDD(Algorithm):
         log = self._train(ctx, items, ctx.train.local_steps, offset=1)
         ctx.logs.update({f"pretrain_{k}": v for k, v in log.items()})
         ctx.state.arrays = prefixed("model", get_weights(ctx.model))
+        if not self.use_synthetic:  # the local-only ablation: nothing is distilled or sent
+            return Payload(kind="none")
         by_class: dict[int, list[torch.Tensor]] = {}
         for x, y in items:
             by_class.setdefault(y, []).append(x)
