@@ -13,6 +13,8 @@ from histofed.algorithms.fedwsidd import (
     FedWSIDD,
     distil_images,
     dm_loss,
+    decode_bags,
+    encode_bags,
     pool_synthetic,
     random_relu_embedding,
 )
@@ -64,6 +66,18 @@ def test_pool_union_and_per_class_index_mean():
         pool_synthetic([], "union")
 
 
+def test_float16_codec_keeps_large_features_with_small_spread():
+    rng = np.random.default_rng(0)
+    raw = np.stack([rng.normal(10_000, 1.0, (3, 5)), rng.normal(0, 1, (3, 5))], -1)  # 3 x 5 x 2
+    naive = np.abs(raw.astype(np.float16).astype(np.float64) - raw).max()
+    assert naive > 1.0  # float16's step at 1e4 is 8: whole standard deviations lost
+    arrays = encode_bags(raw, "float16")
+    assert arrays["bags"].dtype == np.float16 and arrays["scale"].shape == (2,)
+    assert np.abs(decode_bags(arrays) - raw).max() < 0.01  # ~1e-3 of the spread
+    assert set(encode_bags(raw, "float32")) == {"bags"}
+    np.testing.assert_array_equal(decode_bags(encode_bags(raw, "float32")), raw.astype(np.float32))
+
+
 def test_received_bags_are_restandardised_with_the_sites_own_statistics():
     std = Standardizer(np.array([10.0, -5.0], np.float32), np.array([2.0, 4.0], np.float32))
     raw = [np.array([[12.0, -1.0]], np.float32)]
@@ -88,11 +102,12 @@ def test_fedwsidd_end_to_end_with_a_different_mil_model_per_site(tiny_config, tm
     egress = read_jsonl(out / "egress.jsonl")
     up = [r for r in egress if r["direction"] == "up" and r["kind"] != "scalars"]
     assert {r["kind"] for r in up} == {"synthetic-bags"} and {r["round"] for r in up} == {1}
-    # per site: 2 classes x ipc 2 bags x nps 4 x dim 8 float16 + 4 int64 labels
-    assert all(r["bytes"] == 2 * 2 * 4 * 8 * 2 + 4 * 8 for r in up)
+    # per site: 2 classes x ipc 2 bags x nps 4 x dim 8 float16 + offset and scale (8 float32
+    # each) + 4 int64 labels
+    assert all(r["bytes"] == 2 * 2 * 4 * 8 * 2 + 2 * 8 * 4 + 4 * 8 for r in up)
     down = [r for r in egress if r["direction"] == "down" and r["kind"] == "synthetic-bags"]
     assert {r["round"] for r in down} == {2} and len(down) == 3  # the pooled 12 bags, once
-    assert all(r["bytes"] == 12 * 4 * 8 * 2 + 12 * 8 for r in down)
+    assert all(r["bytes"] == 12 * 4 * 8 * 2 + 2 * 8 * 4 + 12 * 8 for r in down)
     rows = read_jsonl(out / "fedwsidd.jsonl")
     assert rows[-1]["pooled_bags"] == 12 and rows[-1]["per_class"] == [6, 6]
     assert all(r["dm_loss_last"] < 0.5 * r["dm_loss_first"] for r in rows[:3])  # noise -> data
