@@ -9,6 +9,8 @@ seed). Rows:
   synthetic bags.
 - ``local-hetero``: the same models and the very same ``2 S`` steps with no exchange
   (FedWSIDD with ``use_synthetic = false``): the local-only baseline the target is about.
+- ``fedwsidd-hetero-mean``: the same with the reference code's pooling (per (class, index)
+  mean over sites: ipc bags per class instead of sites x ipc).
 - ``fedwsidd-abmil`` / ``local-abmil``: the same with ABMIL everywhere (the homogeneous case).
 - ``fedavg-abmil``: FedAvg, ``R`` rounds x ``2 S / R`` steps (the same local steps in total).
 - ``centralized-abmil``: one ABMIL on the pooled bags (the engine gives it every site's steps).
@@ -58,6 +60,8 @@ def rows(args) -> dict[str, tuple[str, dict]]:
             **hetero, "algorithm": wsidd}),
         "local-hetero": ("local only, ABMIL / CLAM-SB / TransMIL (same steps, no exchange)", {
             **hetero, "algorithm": {**wsidd, "use_synthetic": False}}),
+        "fedwsidd-hetero-mean": ("FedWSIDD, pool = mean (the reference code's), heterogeneous", {
+            **hetero, "algorithm": {**wsidd, "pool": "mean"}}),
         "fedwsidd-abmil": ("FedWSIDD, ABMIL everywhere", {"algorithm": wsidd}),
         "local-abmil": ("local only, ABMIL everywhere (same steps, no exchange)", {
             "algorithm": {**wsidd, "use_synthetic": False}}),

@@ -175,3 +175,40 @@ def test_no_exchange_ablation_sends_nothing(tiny_config, tmp_path):
     run_experiment(cfg, data_root=None, run_dir=out)
     assert [r for r in read_jsonl(out / "egress.jsonl") if r["kind"] != "scalars"] == []
     assert not (out / "fedwsidd.jsonl").exists()
+
+
+def test_a_site_missing_a_class_distils_only_its_own(tiny_config, tmp_path):
+    """Site B holds no positive bag: it distils class 0 only; the pooled set still holds both
+    classes (from A), and B trains on them in round 2."""
+    from histofed.config import NamedConfig
+    from histofed.data.bags import write_bag
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "h5").mkdir()
+    rows = ["slide_id,label,site"]
+    for i, (site, label) in enumerate([("A", 0)] * 4 + [("A", 1)] * 4 + [("B", 0)] * 5):
+        write_bag(tmp_path / "h5" / f"s{i}.h5",
+                  rng.normal(label, 1.0, (6, 4)).astype(np.float32))
+        rows.append(f"s{i},{label},{site}")
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    cfg = tiny_config("fedwsidd", run={"rounds": 2}, train={"local_steps": 3, "optimizer": "adam"},
+                      algorithm={"ipc": 1, "nps": 3, "dm_steps": 3})
+    cfg = cfg.replace(federation=NamedConfig("slides-bags", {"bags_dir": "h5",
+                                                            "labels_csv": "labels.csv"}),
+                      model=NamedConfig("abmil", {"hidden": 8}))
+    out = new_run_dir(tmp_path / "run", "run")
+    run_experiment(cfg, data_root=tmp_path, run_dir=out)
+    rows = read_jsonl(out / "fedwsidd.jsonl")
+    assert {r["client"]: r["classes"] for r in rows[:2]} == {"A": [0, 1], "B": [0]}
+    assert rows[2]["per_class"] == [2, 1]
+    train2 = [r for r in read_jsonl(out / "metrics.jsonl")
+              if r.get("split") == "train" and r["round"] == 2]
+    assert all(r["synthetic_bags_used"] == 3 for r in train2)
+
+
+def test_an_empty_training_bag_is_named():
+    ctx = SimpleNamespace(name="site-a", data=SimpleNamespace(train=BagDataset(
+        [np.ones((3, 2), np.float32), np.zeros((0, 2), np.float32)], np.array([0, 1]))))
+    with pytest.raises(ValueError, match=r"client 'site-a': training bag\(s\) \[1\] have no "
+                                         "instances"):
+        FedWSIDD()._real_items(ctx)
