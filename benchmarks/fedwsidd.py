@@ -11,6 +11,9 @@ seed). Rows:
   (FedWSIDD with ``use_synthetic = false``): the local-only baseline the target is about.
 - ``fedwsidd-hetero-mean``: the same with the reference code's pooling (per (class, index)
   mean over sites: ipc bags per class instead of sites x ipc).
+- ``diag-hetero-nodm``: a diagnostic, not a method: no distillation steps, so the "synthetic"
+  bags are real instances resampled into bags (not private). It bounds what exchanging
+  bag-like data can give here.
 - ``fedwsidd-abmil`` / ``local-abmil``: the same with ABMIL everywhere (the homogeneous case).
 - ``fedavg-abmil``: FedAvg, ``R`` rounds x ``2 S / R`` steps (the same local steps in total).
 - ``centralized-abmil``: one ABMIL on the pooled bags (the engine gives it every site's steps).
@@ -62,6 +65,9 @@ def rows(args) -> dict[str, tuple[str, dict]]:
             **hetero, "algorithm": {**wsidd, "use_synthetic": False}}),
         "fedwsidd-hetero-mean": ("FedWSIDD, pool = mean (the reference code's), heterogeneous", {
             **hetero, "algorithm": {**wsidd, "pool": "mean"}}),
+        "diag-hetero-nodm": ("diagnostic, not private: dm_steps = 0, i.e. bags of resampled "
+                             "real instances, heterogeneous", {
+                                 **hetero, "algorithm": {**wsidd, "dm_steps": 0}}),
         "fedwsidd-abmil": ("FedWSIDD, ABMIL everywhere", {"algorithm": wsidd}),
         "local-abmil": ("local only, ABMIL everywhere (same steps, no exchange)", {
             "algorithm": {**wsidd, "use_synthetic": False}}),

@@ -133,3 +133,27 @@ def test_load_torchscript_and_state_dict_checkpoints(tmp_path):
         load_encoder(tmp_path / "junk.pt")
     with pytest.raises(FileNotFoundError, match="missing.pt does not exist"):
         load_encoder(tmp_path / "missing.pt")
+
+
+def test_extract_bags_from_real_slides_resumes_and_names_failures(shared_data, tmp_path,
+                                                                   one_thread):
+    """Both real slides -> bags with a small random phi; a slide OpenSlide cannot open is named
+    and the others continue; a second call skips the finished bags."""
+    from histofed.data.bags import read_bag
+    from histofed.models.encoders import extract_bags
+
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    for p in sorted((shared_data / "wsi").glob("*.svs")):
+        (slides / p.name).symlink_to(p)  # the data stays where it is
+    (slides / "broken.svs").write_bytes(b"not a slide at all")
+    phi = RandomCNNEncoder(width=4, depth=2, pool=1, seed=0)
+    report = extract_bags(slides, tmp_path / "bags", phi, tile_size=256, progress=False)
+    assert report.written == ["cmu-1-small-region.svs", "tcga-cr-7395-01a-01-ts1.svs"]
+    assert list(report.failed) == ["broken.svs"] and "broken.svs" in report.failed["broken.svs"]
+    assert not (tmp_path / "bags" / "broken.h5").exists()  # nothing written half
+    bag = read_bag(tmp_path / "bags" / "cmu-1-small-region.h5")
+    assert bag.features.shape[1] == 4 and bag.coords.shape == (len(bag.features), 2)
+    assert report.tiles > 0 and report.tiles_per_second > 0
+    again = extract_bags(slides, tmp_path / "bags", phi, tile_size=256, progress=False)
+    assert again.skipped == report.written and again.written == [] and again.tiles == 0

@@ -11,6 +11,9 @@ No pretrained weights can be downloaded here, so an encoder is either
   state dict plus the registered architecture it belongs to. Its output size is checked on a
   dummy tile before anything is written.
 
+:func:`extract_bags` turns a folder of slides into CLAM-style bags with one of them
+(resumable; a slide that cannot be read is named and skipped).
+
 Example:
     >>> phi = RandomCNNEncoder(width=8, depth=2, pool=1, seed=0)
     >>> phi(torch.rand(4, 3, 32, 32)).shape
@@ -19,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -133,3 +137,79 @@ def encode_tiles(encoder: nn.Module, tiles: np.ndarray | torch.Tensor,
         x = x.permute(0, 3, 1, 2).float() / 255.0
     out = [encoder(x[i:i + batch_size].float()) for i in range(0, len(x), batch_size)]
     return torch.cat(out).numpy().astype(np.float32) if out else np.zeros((0, 0), np.float32)
+
+
+SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".svslide", ".bif",
+                  ".vms", ".vmu")
+
+
+@dataclass
+class ExtractReport:
+    """What :func:`extract_bags` did: bags written, bags already there, slides that failed
+    (name -> reason), tiles encoded and the time it took."""
+
+    written: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    tiles: int = 0
+    seconds: float = 0.0
+
+    @property
+    def tiles_per_second(self) -> float:
+        return self.tiles / self.seconds if self.seconds > 0 else float("nan")
+
+
+def extract_bags(slides: str | Path | list[str | Path], out_dir: str | Path, encoder: nn.Module,
+                 *, tile_size: int = 256, batch_size: int = 32, tissue_threshold: float = 0.5,
+                 progress: bool = True, **resolution: Any) -> ExtractReport:
+    """Slides -> CLAM-style ``.h5`` bags (``features``, ``coords``), one per slide, resumable.
+
+    A slide whose bag already exists (and reads back) is skipped; a slide OpenSlide cannot open,
+    or with no tissue, is named in ``report.failed`` and the others continue. Each bag is
+    written atomically by ``histofed.data.slides.extract_features``: nothing is written half.
+
+    Args:
+        slides: a folder (its slide files, sorted) or a list of slide paths.
+        out_dir: where ``<slide stem>.h5`` go (created).
+        encoder: phi (``B x 3 x h x w`` in [0, 1] -> ``B x D``), e.g. :func:`load_encoder`.
+        tile_size, batch_size, tissue_threshold, resolution (magnification=, mpp=,
+            assume_mpp=): as in ``extract_features``.
+    """
+    import time
+
+    from histofed.data.bags import read_bag
+    from histofed.data.formats import DataFormatError
+    from histofed.data.slides import extract_features
+
+    if isinstance(slides, (str, Path)):
+        folder = Path(slides)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"slides folder {folder} does not exist")
+        paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in SLIDE_SUFFIXES)
+        if not paths:
+            raise FileNotFoundError(f"{folder} holds no slide files ({', '.join(SLIDE_SUFFIXES)})")
+    else:
+        paths = [Path(p) for p in slides]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = ExtractReport()
+    start = time.perf_counter()
+    for path in paths:
+        target = out_dir / f"{path.stem}.h5"
+        if target.exists():
+            try:
+                read_bag(target)
+                report.skipped.append(path.name)
+                continue
+            except (DataFormatError, OSError):
+                pass  # unreadable leftover: extract again (written atomically)
+        try:
+            extract_features(path, encoder, target, tile_size=tile_size, batch_size=batch_size,
+                             tissue_threshold=tissue_threshold, progress=progress, **resolution)
+        except (ValueError, OSError) as err:  # SlideError, NoTissueError, missing file, ...
+            report.failed[path.name] = str(err)
+            continue
+        report.written.append(path.name)
+        report.tiles += int(read_bag(target).features.shape[0])
+    report.seconds = time.perf_counter() - start
+    return report
