@@ -10,10 +10,13 @@ synthetic bags per class c, each of ``nps`` instances, S_c (ipc x nps x D), by m
 
     L(S) = sum_c || mean_{x in B_c} phi(A(x)) - mean_{s in S_c} phi(A(s)) ||^2
 
-where B_c is a real class-c bag drawn afresh each step and phi an embedding; SGD with lr 1.0
-and momentum 0.5 as in the paper, through :func:`histofed.algorithms.training.optimise`.
+where B_c is one real class-c bag drawn afresh each step (as in the reference code) and phi an
+embedding; SGD with lr 1.0 and momentum 0.5 as in the paper, through
+:func:`histofed.algorithms.training.optimise`. ``init = "real"`` starts S_c from instances of
+the site's class-c bags (after few steps they are still close to real instances: no formal
+privacy claim is made), ``"noise"`` from N(0, 1) in the site's standardised space.
 
-- ``space = "features"`` (what runs in a federation here): bags are feature bags (N x D,
+- Feature space (what the method runs in a federation): bags are feature bags (N x D,
   e.g. UCSB's 708 handcrafted features or CLAM .h5 bags), S_c are synthetic *feature* bags and
   phi is a random ReLU layer ``relu(x W + b)`` (W: D x embed_dim, N(0, 1/D)) drawn afresh each
   step from a seeded generator -- DM's random-network embedding, i.e. a random-feature MMD, so
