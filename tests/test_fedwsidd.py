@@ -212,3 +212,32 @@ def test_an_empty_training_bag_is_named():
     with pytest.raises(ValueError, match=r"client 'site-a': training bag\(s\) \[1\] have no "
                                          "instances"):
         FedWSIDD()._real_items(ctx)
+
+
+def test_fedwsidd_on_flower_equals_inprocess(tiny_config, tmp_path, monkeypatch):
+    """The same per-site scores and uploads over Flower Messages (synthetic bags, float16 and
+    int64 labels, cross the wire; the pretrained models stay in each node's state)."""
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+    from test_flower_engine import _serve
+
+    for attr, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", SUPERLINK_NODE_ID)):
+        monkeypatch.setattr(TaskIdentity, attr, value)  # as test_flower_engine's fixture does
+
+    cfg = mil_config(tiny_config, algorithm={"ipc": 1, "nps": 3, "dm_steps": 3},
+                     train={"local_steps": 3, "optimizer": "adam", "lr": 0.001})
+    ref = new_run_dir(tmp_path / "ip", "ip")
+    run_experiment(cfg, data_root=None, run_dir=ref)
+    out = tmp_path / "flower"
+    _serve(cfg, out)
+
+    def tests(d):
+        return sorted((r["round"], r["client"], r["accuracy"], r["loss"])
+                      for r in read_jsonl(d / "metrics.jsonl") if r.get("split") == "test")
+
+    def up(d):
+        return sorted((r["round"], r["client"], r["kind"], r["bytes"])
+                      for r in read_jsonl(d / "egress.jsonl") if r["direction"] == "up")
+
+    assert tests(out) == tests(ref) and len(tests(ref)) == 6
+    assert up(out) == up(ref)
