@@ -13,6 +13,7 @@ from histofed.algorithms import (  # noqa: F401  (register the built-in methods)
     feddp,
     fedprox,
     fedsoda,
+    fedwsidd,
     local,
 )
 from histofed.algorithms.base import (

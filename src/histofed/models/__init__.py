@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from histofed.config import ConfigError, NamedConfig
-from histofed.models import cnn, mil, unet  # noqa: F401  (register the built-in models)
+from histofed.models import cnn, encoders, mil, unet  # noqa: F401  (register the built-in models)
 from histofed.models.registry import MODELS, register_model
 from histofed.options import check_call
 
