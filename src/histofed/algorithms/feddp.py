@@ -453,6 +453,10 @@ class DPSGDTrainer(Trainer):
             raise ConfigError(f"{_WHERE}: level = \"record\" cannot train an extra loss term "
                               "(not a sum over records); turn it off in base_options")
         model = model if model is not None else ctx.model
+        if getattr(model, "auxiliary_loss", None) is not None:
+            raise ConfigError(f"{_WHERE}: level = \"record\" cannot train {type(model).__name__}'s "
+                              "auxiliary (instance) loss per record; use another [model] or level = "
+                              "\"client\"")
         steps = steps or ctx.train.local_steps
         records = records_of(ctx.data.train)
         n = len(records)

@@ -139,7 +139,8 @@ class Trainer:
     """Local training of one model on a client's data with the [train] optimiser.
 
     ``ctx.trainer.train(ctx, model, extra_loss=..., steps=...)`` is what methods call; the loss
-    is ``task.loss(logits, target) + extra_loss(model, inputs, target, logits)``. A fresh
+    is ``task.loss(logits, target) + model.auxiliary_loss(target) (models that have one, e.g.
+    CLAM-SB) + extra_loss(model, inputs, target, logits)``. A fresh
     optimiser each round (its state stays local; methods that keep it use ``ctx.state``).
     """
 
@@ -149,10 +150,14 @@ class Trainer:
         steps = steps or ctx.train.local_steps
         optimizer = make_optimizer(model, ctx.train)
 
+        auxiliary = getattr(model, "auxiliary_loss", None)  # e.g. CLAM-SB's instance loss
+
         def step(batch):
             inputs, target = batch
             logits = ctx.task.forward(model, inputs)
             loss = ctx.task.loss(logits, target)
+            if auxiliary is not None:
+                loss = loss + auxiliary(target)
             if extra_loss is not None:
                 loss = loss + extra_loss(model, inputs, target, logits)
             return loss
