@@ -157,3 +157,18 @@ def test_extract_bags_from_real_slides_resumes_and_names_failures(shared_data, t
     assert report.tiles > 0 and report.tiles_per_second > 0
     again = extract_bags(slides, tmp_path / "bags", phi, tile_size=256, progress=False)
     assert again.skipped == report.written and again.written == [] and again.tiles == 0
+
+
+def test_slides_extract_cli_names_a_broken_slide_and_exits_1(tmp_path):
+    from typer.testing import CliRunner
+
+    from histofed.cli import app
+
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    (slides / "broken.svs").write_bytes(b"not a slide")
+    result = CliRunner().invoke(app, ["slides", "extract", str(slides), "--out",
+                                      str(tmp_path / "bags")])
+    assert result.exit_code == 1, result.output
+    assert "failed: broken" in result.output and "0 bag(s) written" in result.output
+    assert not list((tmp_path / "bags").glob("*.h5"))  # nothing written half

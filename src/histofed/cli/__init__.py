@@ -19,6 +19,7 @@ from histofed.cli import data as _data  # noqa: E402
 from histofed.cli import predict as _predict  # noqa: E402
 from histofed.cli import privacy as _privacy  # noqa: E402
 from histofed.cli import run as _run  # noqa: E402
+from histofed.cli import slides as _slides  # noqa: E402
 
 app = typer.Typer(
     name="histofed",
@@ -34,6 +35,7 @@ app = typer.Typer(
 app.add_typer(_data.app, name="data")
 app.add_typer(_privacy.app, name="privacy")
 app.add_typer(_audit.app, name="audit")
+app.add_typer(_slides.app, name="slides")
 _run.register(app)
 _predict.register(app)
 
