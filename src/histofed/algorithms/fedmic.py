@@ -102,6 +102,7 @@ from histofed.algorithms.lowrank import (
     add_update,
     check_thresholds,
     compress,
+    compressed_nbytes,
     decompress,
     energy_threshold,
     shapes_from_scalar,
@@ -222,6 +223,8 @@ class FedMIC(Algorithm):
                                   f"{spec!r}")
         if self.teacher:
             self._check_spec(self.teacher, "teacher")
+            for site, spec in self.teacher_clients.items():
+                self._check_spec({**self.teacher, **spec}, f"teacher_clients.{site}")
         elif self.teacher_clients:
             raise ConfigError(f"{_WHERE}: teacher_clients overrides the teacher, but teacher = "
                               "{} (no teacher); give teacher = { name = \"cnn\", ... }")
@@ -233,6 +236,10 @@ class FedMIC(Algorithm):
         if "name" not in spec:
             raise ConfigError(f"{_WHERE}: {key} needs a model name, e.g. {key} = "
                               "{ name = \"cnn\", width = 64 }")
+        if "num_classes" in spec:
+            raise ConfigError(f"{_WHERE}: {key} sets num_classes = {spec['num_classes']!r}, but "
+                              "teacher and student must predict the same classes, which the "
+                              f"data gives; remove num_classes from {key}")
         if spec["name"] not in MODELS:
             raise ConfigError(f"{_WHERE}: {key}.name = {spec['name']!r} is not a registered "
                               f"model; choose one of {', '.join(sorted(MODELS.names()))}")
@@ -373,6 +380,7 @@ class FedMIC(Algorithm):
         if self.gpd:
             arrays, shapes, ranks = compress(delta, float(payload.scalars["energy"]))
             ctx.logs["mean_rank"] = float(np.mean([r for r in ranks.values() if r] or [0]))
+            ctx.logs["upload_bytes"] = compressed_nbytes(shapes, ranks)  # = egress (tested)
         else:
             arrays, shapes = prefixed("d", delta), {k: list(v.shape) for k, v in delta.items()}
         scalars = {"num_examples": ctx.data.num_train, "shapes": shapes_to_scalar(shapes)}

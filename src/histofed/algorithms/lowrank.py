@@ -180,6 +180,18 @@ def decompress(arrays: Mapping[str, np.ndarray], shapes: Mapping[str, list[int]]
     return out
 
 
+def compressed_nbytes(shapes: Mapping[str, list[int]], ranks: Mapping[str, int],
+                      itemsize: int = 4) -> int:
+    """Bytes of a compressed update from its shapes and ranks alone: k (m + n + 1) numbers for
+    a tensor factorised at rank k (m = out, n = the rest), all of its numbers for a dense one."""
+    total = 0
+    for key, shape in shapes.items():
+        m, n = (shape[0], int(np.prod(shape[1:]))) if len(shape) >= 2 else (int(np.prod(shape)), 1)
+        k = ranks[key]
+        total += itemsize * (k * (m + n + 1) if k else m * n)
+    return total
+
+
 def shapes_to_scalar(shapes: Mapping[str, list[int]]) -> str:
     """Shapes as a compact JSON string (a Payload scalar)."""
     return json.dumps(dict(shapes), separators=(",", ":"), sort_keys=True)
