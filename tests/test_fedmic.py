@@ -322,3 +322,54 @@ def test_unknown_teacher_site_is_refused():
     mic = FedMIC(teacher=dict(TEACHER), teacher_clients={"nowhere": {"width": 32}})
     with pytest.raises(ConfigError, match="teacher_clients names \\['nowhere'\\]"):
         mic.init_state(_sctx(1), {})
+
+
+# ---- MedMNIST .npz reader ------------------------------------------------------------------------
+def _write_npz(path, *, grey=False, drop=(), label_shape=None):
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in (("train", 60), ("val", 12), ("test", 20)):
+        shape = (n, 28, 28) if grey else (n, 28, 28, 3)
+        arrays[f"{split}_images"] = rng.integers(0, 256, size=shape, dtype=np.uint8)
+        labels = np.arange(n) % 3
+        arrays[f"{split}_labels"] = labels.reshape(label_shape(n) if label_shape else (n, 1))
+    for k in drop:
+        arrays.pop(k)
+    np.savez(path, **arrays)
+    return arrays
+
+
+def test_medmnist_reader_and_federation(tmp_path):
+    from histofed.data.federation import build_federation
+    from histofed.data.medmnist import read_medmnist_npz
+
+    arrays = _write_npz(tmp_path / "tiny.npz")
+    data = read_medmnist_npz(tmp_path / "tiny.npz")
+    x, y = data["train"]
+    assert x.shape == (60, 28, 28, 3) and x.dtype == np.uint8 and y.shape == (60,)
+    np.testing.assert_array_equal(x, arrays["train_images"])
+    np.testing.assert_array_equal(y, arrays["train_labels"][:, 0])
+    _write_npz(tmp_path / "grey.npz", grey=True)
+    g, _ = read_medmnist_npz(tmp_path / "grey.npz")["test"]
+    assert g.shape == (20, 28, 28, 3) and (g[..., 0] == g[..., 2]).all()
+    fed = build_federation("medmnist-npz", data_root=tmp_path, seed=0, path="tiny.npz",
+                           num_clients=2, alpha=1.0, min_size=5)
+    assert fed.num_classes == 3 and len(fed.clients) == 2
+    assert sum(c.num_train for c in fed.clients) == 60
+    assert sum(len(c.test) for c in fed.clients) == 20
+    img, label = fed.clients[0].train[0]
+    assert tuple(img.shape) == (3, 28, 28) and 0 <= int(label) < 3
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"drop": ("val_labels", "test_images")}, r"missing key\(s\) \['val_labels', 'test_images'\]"),
+    ({"label_shape": lambda n: (n // 2, 2)}, "looks multi-label"),
+])
+def test_medmnist_bad_files_are_clear_errors(tmp_path, kwargs, match):
+    from histofed.data.medmnist import read_medmnist_npz
+
+    _write_npz(tmp_path / "bad.npz", **kwargs)
+    with pytest.raises(ValueError, match=match):
+        read_medmnist_npz(tmp_path / "bad.npz")
+    with pytest.raises(FileNotFoundError, match="medmnist.com"):
+        read_medmnist_npz(tmp_path / "absent.npz")
