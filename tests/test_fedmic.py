@@ -373,3 +373,29 @@ def test_medmnist_bad_files_are_clear_errors(tmp_path, kwargs, match):
         read_medmnist_npz(tmp_path / "bad.npz")
     with pytest.raises(FileNotFoundError, match="medmnist.com"):
         read_medmnist_npz(tmp_path / "absent.npz")
+
+
+# ---- Flower: the site's copy of W_g and its teacher live in the node's state ---------------------
+@pytest.fixture
+def flower_identity(monkeypatch):
+    """Flower stamps new messages with the process's task identity (as in test_flower_engine)."""
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", SUPERLINK_NODE_ID)):
+        monkeypatch.setattr(TaskIdentity, attr, value)
+
+
+def test_fedmic_on_flower_equals_inprocess(tmp_path, flower_identity):
+    from test_flower_engine import _assert_same_weights, _final, _serve, _test_rows
+
+    cfg = tiny(algorithm={"fraction": 0.67}, run={"rounds": 2, "eval_every": 2})
+    ref = new_run_dir(tmp_path / "ip", "ip")
+    run_experiment(cfg, data_root=None, run_dir=ref)
+    out = tmp_path / "flower"
+    _serve(cfg, out)
+    _assert_same_weights(_final(out), _final(ref))
+    assert _test_rows(out) == _test_rows(ref)  # teachers ("personal") stayed on the nodes
+    kinds = lambda d: [(r["round"], r["client"], r["kind"]) for r in read_jsonl(d / "egress.jsonl")]  # noqa: E731
+    assert kinds(out) == kinds(ref)  # factors went down to the same sites
+    assert (2, "client-1", "svd-factors") in kinds(out)  # sampled in rounds 1 and 2
