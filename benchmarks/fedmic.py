@@ -157,6 +157,13 @@ def summarise_run(run_dir: Path, models: tuple[str, ...]) -> dict:
         acc = [r["accuracy"] for r in rows if r["round"] == rnd and r.get("model", "global") == headline]
         curve.append((rnd, cum, float(np.mean(acc))))
     out["curve"] = curve
+    if (run_dir / "fedmic.jsonl").exists():  # where FedMIC's bytes go, last round
+        last_log = read_jsonl(run_dir / "fedmic.jsonl")[-1]
+        with np.load(run_dir / "final" / "global.npz") as z:
+            shapes = {k: z[k].shape for k in z.files}
+        out["ranks"] = {k: [r, list(shapes[k])] for k, r in last_log["down_ranks"].items()
+                        if len(shapes[k]) >= 2}
+        out["energy_last"] = last_log["energy"]
     out["wall_seconds"] = float(json.loads((run_dir / "run.json").read_text())
                                 .get("wall_seconds_last_session", float("nan")))
     return out
@@ -248,11 +255,30 @@ def write_markdown(args, table: list[dict], runs: dict, wall: float, planned: li
                      - runs[("fedavg", alpha, fraction, s)]["models"]["global"]["accuracy"]
                      for s in seeds]
                 ratio = avg["kb_up"] / mic["kb_up"]
+                loc = [runs[("fedmic", alpha, fraction, s)]["models"]["personal"]["accuracy"]
+                       - runs[("local", alpha, 1.0, s)]["models"]["personal"]["accuracy"]
+                       for s in seeds if ("local", alpha, 1.0, s) in runs]
+                if loc:
+                    lines.append(f"- alpha {alpha}, participation {fraction}: FedMIC personal − "
+                                 f"local-only accuracy = {_ms(loc)} points (paired by seed: "
+                                 f"{', '.join(f'{100 * x:+.2f}' for x in loc)}): the teacher "
+                                 "against a model trained on the same site alone.")
                 lines.append(f"- alpha {alpha}, participation {fraction}: FedMIC personal − FedAvg "
                              f"accuracy = {_ms(d)} points (paired by seed: "
                              f"{', '.join(f'{100 * x:+.2f}' for x in d)}); FedAvg uploads "
                              f"{ratio:.2f}x the bytes of FedMIC per client per round "
                              f"({avg['kb_up']:.1f} vs {mic['kb_up']:.1f} KB).")
+    example = next((k for k in sorted(runs) if k[0] == "fedmic" and "ranks" in runs[k]), None)
+    if example:
+        r = runs[example]
+        cells = []
+        for key, (rank, shape) in r["ranks"].items():
+            m, n = shape[0], int(np.prod(shape[1:]))
+            cells.append(f"`{key}` {m} x {n}: " + (f"rank {rank} of {min(m, n)}" if rank else
+                                                   "dense (factors would be larger)"))
+        lines += ["", f"Where FedMIC's bytes go ({example[0]}, alpha {example[1]}, participation "
+                  f"{example[2]}, seed {example[3]}; the server's re-compressed mean update of the "
+                  f"last round, energy {r['energy_last']:.3f}): " + "; ".join(cells) + "."]
     lines += ["", "## Missing rows", ""]
     if missing:
         lines.append(f"{len(missing)} planned runs are not in this table (budget; rerun the "
@@ -266,9 +292,13 @@ def write_markdown(args, table: list[dict], runs: dict, wall: float, planned: li
                      f"{', '.join(not_run)}.")
     lines += ["", f"Rows planned: {', '.join(args.rows)}; alphas {args.alphas}; participation "
               f"{args.fractions}. local-only and centralised run at participation 1.0 only.",
-              "", f"Wall time of this invocation: {wall / 60:.1f} min (reused runs cost nothing). "
+              "", f"Sum of the wall times of the runs in this table: "
+              f"{sum(r['wall_seconds'] for r in runs.values()) / 60:.1f} min (2 shared CPU cores, "
+              f"nice 5); this invocation: {wall / 60:.1f} min (reused runs cost nothing). "
               f"torch {torch.__version__}, {platform.processor() or platform.machine()}.", "",
-              "Command: `" + " ".join(["python", "benchmarks/fedmic.py", *sys.argv[1:]]) + "`"]
+              "Command (add `--report-only` to re-tabulate finished runs without starting any): `"
+              + " ".join(["python", "benchmarks/fedmic.py",
+                          *[a for a in sys.argv[1:] if a != "--report-only"]]) + "`"]
     return "\n".join(lines) + "\n"
 
 
@@ -295,6 +325,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--budget-min", type=float, default=0.0,
                         help="stop starting new runs after this many minutes (0 = no limit)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="start no run: tabulate the finished ones in --work")
     parser.add_argument("--work", default="/tmp/histofed-bench-fedmic",
                         help="run directories (reused)")
     args = parser.parse_args()
@@ -308,7 +340,8 @@ def main() -> None:
     for key in planned:
         info = Path(args.work) / f"{key[0]}-a{key[1]}-p{key[2]}-seed{key[3]}" / "run.json"
         done = info.exists() and "finished" in json.loads(info.read_text())
-        if args.budget_min and time.time() - t0 > 60 * args.budget_min and not done:
+        over = args.budget_min and time.time() - t0 > 60 * args.budget_min
+        if (over or args.report_only) and not done:
             continue  # over budget: only reuse finished runs
         run_dir = run_one(args, key, root, federations)
         runs[key] = summarise_run(run_dir, ROWS[key[0]][2])
