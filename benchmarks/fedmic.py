@@ -186,6 +186,7 @@ def build_table(runs: dict) -> list[dict]:
                 table.append({"row": row, "label": label, "model": model, "alpha": alpha,
                               "fraction": fraction, "seeds": seeds,
                               **{m: [p["models"][model][m] for p in per] for m in METRICS},
+                              "sites": min(p["models"][model]["clients"] for p in per),
                               "kb_up": float(np.mean([p["kb_up_per_client_round"] for p in per])),
                               "up_kinds": per[0]["up_kinds"],
                               "wall_s": float(np.mean([p["wall_seconds"] for p in per]))})
@@ -228,18 +229,21 @@ def write_markdown(args, table: list[dict], runs: dict, wall: float, planned: li
              "participating client, one training round, from egress.jsonl (arrays + scalars). "
              "Centralised: the raw training patches a site sends once (round 1). Macro AUC is "
              "one-vs-rest, undefined on a client whose test set lacks a class (common at "
-             "alpha = 0.1); its mean is over the clients where it is defined.", ""]
+             "alpha = 0.1); its mean is over the clients where it is defined. 'sites': clients "
+             "scored (fewest over seeds); at participation < 1 a site that was never sampled "
+             "has no teacher yet, so FedMIC's personal row covers only the sites that trained.",
+             ""]
     for (alpha, fraction) in sorted({(t["alpha"], t["fraction"]) for t in table}):
         lines += [f"## alpha = {alpha}, participation {fraction}", "",
                   "| method | model | accuracy | balanced acc. | macro AUC | KB up / client / round "
-                  "| upload kind | seeds |", "|---|---|---|---|---|---|---|---|"]
+                  "| upload kind | sites | seeds |", "|---|---|---|---|---|---|---|---|---|"]
         for t in table:
             if (t["alpha"], t["fraction"]) != (alpha, fraction):
                 continue
             kinds = ", ".join(k for k in t["up_kinds"] if k != "scalars") or "—"
             lines.append(f"| {t['label']} | {t['model']} | {_ms(t['accuracy'])} | "
                          f"{_ms(t['balanced_accuracy'])} | {_ms(t['auc'])} | {t['kb_up']:.1f} | "
-                         f"{kinds} | {len(t['seeds'])} |")
+                         f"{kinds} | {t['sites']} | {len(t['seeds'])} |")
         lines.append("")
     missing = [k for k in planned if k not in runs]
     lines += ["![accuracy against cumulative MB uploaded](fedmic.png)", "",
