@@ -63,6 +63,9 @@ def _sampled(cls, name: str):
             chosen = FedMIC.sample(self, sctx)  # type: ignore[arg-type]  (uses only .fraction)
             return super().configure_fit(dataclasses.replace(sctx, clients=chosen), state)
 
+        def configure_evaluate(self, sctx, state):  # every site is scored, sampled or not
+            return super().configure_fit(sctx, state)
+
     Sampled.__name__ = f"Sampled{cls.__name__}"
     if name not in ALGORITHMS:
         register_algorithm(name)(Sampled)
@@ -150,13 +153,15 @@ def summarise_run(run_dir: Path, models: tuple[str, ...]) -> dict:
     cum, by_round = 0.0, {}
     for r in egress:
         by_round[r["round"]] = by_round.get(r["round"], 0) + r["bytes"]
-    curve = []
-    headline = models[-1]
-    for rnd in sorted({r["round"] for r in rows}):
-        cum = sum(v for k, v in by_round.items() if k <= rnd) / MB
-        acc = [r["accuracy"] for r in rows if r["round"] == rnd and r.get("model", "global") == headline]
-        curve.append((rnd, cum, float(np.mean(acc))))
-    out["curve"] = curve
+    out["curves"] = {}
+    for model in models:
+        curve = []
+        for rnd in sorted({r["round"] for r in rows}):
+            cum = sum(v for k, v in by_round.items() if k <= rnd) / MB
+            acc = [r["accuracy"] for r in rows
+                   if r["round"] == rnd and r.get("model", "global") == model]
+            curve.append((rnd, cum, float(np.mean(acc))))
+        out["curves"][model] = curve
     if (run_dir / "fedmic.jsonl").exists():  # where FedMIC's bytes go, last round
         last_log = read_jsonl(run_dir / "fedmic.jsonl")[-1]
         with np.load(run_dir / "final" / "global.npz") as z:
@@ -204,9 +209,12 @@ def plot(runs: dict, path: Path) -> None:
             seeds = sorted(k[3] for k in runs if k[:3] == (row, alpha, fraction))
             if not seeds or row in ("local", "centralized"):
                 continue
-            curves = np.array([runs[(row, alpha, fraction, s)]["curve"] for s in seeds])
-            mb, acc = curves[..., 1].mean(0), curves[..., 2].mean(0) * 100
-            ax.plot(mb, acc, marker="o", ms=3, label=f"{label} [{models[-1]}]")
+            for model in models:
+                curves = np.array([runs[(row, alpha, fraction, s)]["curves"][model]
+                                   for s in seeds])
+                mb, acc = curves[..., 1].mean(0), curves[..., 2].mean(0) * 100
+                ax.plot(mb, acc, marker="o", ms=3, ls="--" if model == "global" else "-",
+                        label=f"{label} [{model}]")
         ax.set_xscale("symlog", linthresh=0.1)
         ax.set_xlabel("cumulative MB uploaded (all clients)")
         ax.set_ylabel("mean test accuracy (%)")
@@ -272,7 +280,8 @@ def write_markdown(args, table: list[dict], runs: dict, wall: float, planned: li
                              f"{', '.join(f'{100 * x:+.2f}' for x in d)}); FedAvg uploads "
                              f"{ratio:.2f}x the bytes of FedMIC per client per round "
                              f"({avg['kb_up']:.1f} vs {mic['kb_up']:.1f} KB).")
-    example = next((k for k in sorted(runs) if k[0] == "fedmic" and "ranks" in runs[k]), None)
+    example = next((k for k in sorted(runs, key=lambda k: (-k[2], k)) if k[0] == "fedmic"
+                    and "ranks" in runs[k]), None)
     if example:
         r = runs[example]
         cells = []
