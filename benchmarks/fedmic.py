@@ -338,6 +338,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--budget-min", type=float, default=0.0,
                         help="stop starting new runs after this many minutes (0 = no limit)")
+    parser.add_argument("--tag", default="",
+                        help="write results/fedmic-<tag>.* instead of fedmic.* (another budget)")
     parser.add_argument("--report-only", action="store_true",
                         help="start no run: tabulate the finished ones in --work")
     parser.add_argument("--work", default="/tmp/histofed-bench-fedmic",
@@ -360,10 +362,12 @@ def main() -> None:
         runs[key] = summarise_run(run_dir, ROWS[key[0]][2])
     table = build_table(runs)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    plot(runs, RESULTS / "fedmic.png")
+    stem = f"fedmic-{args.tag}" if args.tag else "fedmic"
+    plot(runs, RESULTS / f"{stem}.png")
     text = write_markdown(args, table, runs, time.time() - t0, planned)
-    write_text(RESULTS / "fedmic.md", text)
-    write_text(RESULTS / "fedmic.json", json.dumps(
+    text = text.replace("](fedmic.png)", f"]({stem}.png)")
+    write_text(RESULTS / f"{stem}.md", text)
+    write_text(RESULTS / f"{stem}.json", json.dumps(
         {"args": vars(args), "runs": {"|".join(map(str, k)): v for k, v in runs.items()},
          "table": table}, indent=1))
     print(text)
