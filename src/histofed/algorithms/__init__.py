@@ -11,6 +11,7 @@ from histofed.algorithms import (  # noqa: F401  (register the built-in methods)
     fedavg,
     fedbn,
     feddp,
+    fedmic,
     fedprox,
     fedsoda,
     fedwsidd,

@@ -309,6 +309,11 @@ class Algorithm:
         a DP-SGD wrapper refuses them (they are not sums over records)."""
         return []
 
+    def personal_spec(self, client: ClientInfo) -> dict[str, Any]:
+        """The architecture of ``client``'s personal model (default: the site's own [model];
+        a method whose personal model is a teacher of another architecture returns its spec)."""
+        return client.model
+
     # ---- updates, as a DP wrapper sees them -------------------------------------------------
     def client_update(self, received: Payload, upload: Payload) -> dict[str, np.ndarray]:
         """The update a client-level DP wrapper clips and noises: by default, for payloads of

@@ -323,6 +323,9 @@ class FedDP(Algorithm):
     def local_keys(self, model: torch.nn.Module) -> set[str]:
         return self._base.local_keys(model)
 
+    def personal_spec(self, client: ClientInfo) -> dict[str, Any]:
+        return self._base.personal_spec(client)
+
     # ---- client side ---------------------------------------------------------------------
     def fit(self, ctx: ClientContext, payload: Payload) -> Payload:
         if payload.scalars.get(SKIP):

@@ -325,11 +325,12 @@ class Experiment:
                 Payload(kind="state")
             personal = self.algorithm.personal_weights(c, state, own)
             if personal:
-                candidates[f"personal:{c.name}"] = (personal, c.model)
-        jobs = [ClientJob("score", u.cid, rnd, Payload(weights, {"label": label}, kind="weights"),
-                          None, cost=float(u.sizes["test"]))
-                for u in self.unseen for label, (weights, spec) in candidates.items()
-                if spec == u.model]  # a site scores only models of the architecture it builds
+                candidates[f"personal:{c.name}"] = (personal, self.algorithm.personal_spec(c))
+        # the held-out site builds each model's own architecture (a teacher may differ)
+        jobs = [ClientJob("score", u.cid, rnd, Payload(weights, {
+                    "label": label, "spec": json.dumps(spec, sort_keys=True)}, kind="weights"),
+                    None, cost=float(u.sizes["test"]))
+                for u in self.unseen for label, (weights, spec) in candidates.items()]
         # Flower sends one message per node at a time; in-process, all at once
         waves = [jobs] if transport.keeps_state else \
             [[j for j in jobs if j.payload.scalars["label"] == label] for label in candidates]

@@ -10,6 +10,7 @@ place that builds datasets. The server side learns each site from :meth:`ClientR
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -138,9 +139,11 @@ def score(ctx: ClientContext, payload: Payload) -> dict[str, dict[str, float]]:
     key "<label>/unseen" with the label the server gave (e.g. "global", "personal:cpm15")."""
     from histofed.algorithms.weights import load_weights
 
-    load_weights(ctx.model, payload.arrays)
+    spec = payload.scalars.get("spec")
+    model = ctx.build_model(json.loads(str(spec))) if spec and ctx.build_model else ctx.model
+    load_weights(model, payload.arrays)
     label = str(payload.scalars.get("label", "global"))
-    return {f"{label}/unseen": ctx.task.evaluate(ctx.model, ctx.data.test, ctx.eval)}
+    return {f"{label}/unseen": ctx.task.evaluate(model, ctx.data.test, ctx.eval)}
 
 
 class ClientRuntime:
