@@ -55,3 +55,14 @@ def tiny_config():
 
     return lambda method="fedavg", **tables: config_from_dict(
         tiny_config_dict(method, **tables), source="tiny")
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run far faster on one thread than on a shared, busy machine's several."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -140,15 +140,6 @@ def _he_patches(n: int, seed: int, shift: float) -> torch.Tensor:
     return od_to_rgb(od).reshape(n, 3, 8, 8).float()
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny tensors run far faster on one thread than on a shared, busy machine's several."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_image_space_distillation_through_macenko_moves_the_pixels(one_thread):
     real = [_he_patches(6, 0, 0.0), _he_patches(6, 1, 1.0)]  # two classes, 8 x 8 patches
     encoder = RandomCNNEncoder(width=4, depth=1, pool=2, seed=0)

@@ -50,15 +50,6 @@ def test_clam_instance_loss_by_hand():
         build_model({"name": "clam-sb", "bag_weight": 0.0}, num_classes=2, in_dim=3)
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models run far faster on one thread than on a shared, busy machine's several."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_transmil_learns_a_toy_bag_task(one_thread):
     """Positive bags hold one shifted instance: a few Adam steps separate them."""
     model = build_model({"name": "transmil", "hidden": 16, "heads": 2}, num_classes=2, in_dim=4,

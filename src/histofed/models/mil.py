@@ -49,7 +49,7 @@ def _instance_ce(logits: torch.Tensor, label: int) -> torch.Tensor:
 
 
 @register_model("clam-sb")
-class CLAMSB(nn.Module):
+class CLAMSB(GatedABMIL):
     """CLAM, single attention branch (Lu et al., Nature Biomedical Engineering 2021).
 
     Gated attention pooling as in :class:`GatedABMIL`, plus one instance classifier per class
@@ -69,22 +69,12 @@ class CLAMSB(nn.Module):
 
     def __init__(self, *, in_dim: int = 512, hidden: int = 128, num_classes: int = 2,
                  dropout: float = 0.0, k_sample: int = 8, bag_weight: float = 0.7) -> None:
-        super().__init__()
         if not 0 < bag_weight <= 1:
             raise ValueError(f"clam-sb: bag_weight must be in (0, 1], got {bag_weight}")
-        self.embed = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout))
-        self.attn_v = nn.Linear(hidden, hidden)
-        self.attn_u = nn.Linear(hidden, hidden)
-        self.attn_w = nn.Linear(hidden, 1)
-        self.head = nn.Linear(hidden, num_classes)
+        super().__init__(in_dim=in_dim, hidden=hidden, num_classes=num_classes, dropout=dropout)
         self.instance_heads = nn.ModuleList(nn.Linear(hidden, 2) for _ in range(num_classes))
         self.k_sample, self.bag_weight = k_sample, bag_weight
         self._cache: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def attention(self, bag: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.embed(bag)  # B x N x H
-        scores = self.attn_w(torch.tanh(self.attn_v(h)) * torch.sigmoid(self.attn_u(h)))  # B x N x 1
-        return torch.softmax(scores, dim=1), h
 
     def forward(self, bag: torch.Tensor) -> torch.Tensor:  # B x N x D -> B x C
         a, h = self.attention(bag)
