@@ -59,7 +59,7 @@ class TrainConfig:
     momentum: float = 0.9  # sgd only
     betas: tuple[float, float] = (0.9, 0.999)  # adam/adamw only
     weight_decay: float = 0.0
-    loss: str = "bce_dice"  # segmentation: "bce_dice" | "bce"; classification/mil: "ce"
+    loss: str = "bce"  # segmentation: "bce" (default: chosen on validation, benchmarks/results/defaults.md) | "bce_dice"; classification/mil: "ce"
 
 
 @dataclass(frozen=True)
