@@ -12,7 +12,7 @@ Sized for a shared 2-core CPU (22.7 minutes there, under nice -n 5 next to other
 small UNet, 128 px crops, 8 rounds, 3 seeds. Writes benchmarks/results/feddp.md and .json.
 
     nice -n 5 python benchmarks/feddp.py --data-root ../shared/data
-    python benchmarks/feddp.py --data-root ../shared/data --quick      # 2 rounds, 3 rows
+    python benchmarks/feddp.py --data-root ../shared/data --quick      # 2 rounds, a handful of rows
 """
 
 from __future__ import annotations
@@ -61,8 +61,17 @@ def rows_to_run(args) -> list[dict]:
     grid = [(s, c) for s in SIGMAS for c in CLIPS]
     if args.quick:
         grid = [(0.05, 0.5)]
+    # control: FedDP's unweighted fixed-denominator mean without clipping or noise, so the cost
+    # of clipping is not confused with losing FedAvg's size weighting (issue #10)
+    rows.append({"label": "control: sigma=0, C=1e9 (unweighted mean, no clipping)", "sigma": 0.0,
+                 "clip": 1e9, "algorithm": {"name": "feddp", "sigma": 0.0, "clip": 1e9,
+                                            "delta": DELTA}})
     rows.append({"label": f"clip only C={TARGET_CLIP} (sigma=0)", "sigma": 0.0, "clip": TARGET_CLIP,
                  "algorithm": {"name": "feddp", "sigma": 0.0, "clip": TARGET_CLIP, "delta": DELTA}})
+    # the paper's Fig. 1 adds the noise on the client: local noise at its grid point
+    rows.append({"label": "FedDP local noise sigma=0.05 C=0.5", "sigma": 0.05, "clip": 0.5,
+                 "algorithm": {"name": "feddp", "sigma": 0.05, "clip": 0.5, "noise": "local",
+                               "delta": DELTA}})
     for sigma, clip in grid:
         rows.append({"label": f"FedDP sigma={sigma} C={clip}", "sigma": sigma, "clip": clip,
                      "algorithm": {"name": "feddp", "sigma": sigma, "clip": clip, "delta": DELTA}})
