@@ -306,3 +306,38 @@ def test_toy_two_model_method_runs_with_no_engine_edits(tiny_config, tmp_path):
     assert [r["round"] for r in read_jsonl(out / "mutual.jsonl")] == [1, 2]
     up = {r["kind"] for r in read_jsonl(out / "egress.jsonl") if r["direction"] == "up"}
     assert up == {"weights", "scalars"}  # the teacher never left
+
+
+def test_site_names_with_dots_keep_their_own_checkpoint_files(tmp_path):
+    from histofed.engine.rundir import load_checkpoint, save_checkpoint
+
+    a = Payload({"w": np.ones(2, np.float32)}, {"n": 1}, "state")
+    b = Payload({"w": np.zeros(2, np.float32)}, {"n": 2}, "state")
+    ckpt = save_checkpoint(tmp_path, 1, Payload(kind="state"), {"st.a": a, "st.b": b}, 0)
+    _, _, clients = load_checkpoint(ckpt)
+    assert sorted(clients) == ["st.a", "st.b"] and clients["st.b"].scalars == {"n": 2}
+
+
+def test_feddp_local_noise_around_a_sampling_base_rebuilds_the_same_payloads():
+    """The server rebuilds what each site was sent with the same (seeded) sample."""
+    from histofed.algorithms.feddp import FedDP
+
+    class Half(ALGORITHMS.get("fedavg")):  # a base that samples from the list it is given
+        mean_aggregation = False
+
+        def configure_fit(self, sctx, state):
+            picked = sctx.clients[: max(1, len(sctx.clients) // 2)]
+            return {c.cid: Payload(state.arrays, {"to": c.cid}, "weights") for c in picked}
+
+    if "test-half" not in ALGORITHMS:
+        register_algorithm("test-half")(dataclass(Half))
+    alg = FedDP(base="test-half", noise="local", sigma=0.0, clip=1e9, q=0.5, delta=1e-3)
+    sctx = ServerContext(3, 0, [ClientInfo(i, f"c{i}", 4) for i in range(6)],
+                         build_model=lambda cid: torch.nn.Linear(2, 1))
+    state = Payload({"weight": np.zeros((1, 2), np.float32), "bias": np.zeros(1, np.float32)},
+                    {"dp_participations": [0] * 6, "dp_client_epsilon": [0.0] * 6}, "state")
+    sent = alg.configure_fit(sctx, state)
+    results = {c: Payload({"weight": np.ones((1, 2), np.float32), "bias": np.ones(1, np.float32)},
+                          {"num_examples": 4}, "noised-update") for c in sent}
+    new = alg.aggregate(sctx, state, results)  # raised KeyError before the fix
+    np.testing.assert_allclose(new.arrays["weight"], [[1.0, 1.0]])

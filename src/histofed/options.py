@@ -183,8 +183,8 @@ def coerce(value: Any, annotation: Any) -> Any:
         if isinstance(value, bool):
             raise TypeError(value)
         value = float(value) if isinstance(value, int | str) else value
-        if not isinstance(value, float) or math.isnan(value):
-            raise TypeError(value)
+        if not isinstance(value, float) or not math.isfinite(value):
+            raise TypeError(value)  # NaN or inf would only surface later, as NaN weights
         return value
     if annotation is str:
         if not isinstance(value, str):

@@ -270,8 +270,10 @@ class FedDP(Algorithm):
         private update) -> the base's own aggregation."""
         if not real:
             return Payload(state.arrays, scalars, kind="state")
-        sampled = [sctx.client(c) for c in sorted(real)]
-        sent = self._base.configure_fit(dataclasses.replace(sctx, clients=sampled), state)
+        # the very call configure_fit made (sampling is seeded by (seed, round)): a base that
+        # samples or shapes payloads from the client list must see the same list again
+        sent = self._base.configure_fit(dataclasses.replace(sctx, clients=self.sample(sctx)),
+                                        state)
         uploads = {c: self._base.apply_update(sent[c], p.arrays,
                                               Payload({}, dict(p.scalars), kind="weights"))
                    for c, p in real.items()}

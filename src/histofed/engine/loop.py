@@ -159,6 +159,8 @@ class Experiment:
                 for path in self.run_dir.glob("*.jsonl"):  # metrics, egress, timing, privacy...
                     rundir.truncate_jsonl(path, done)
                 self.best.forget_after(done)
+            else:  # starting over: a best round from an earlier attempt does not count
+                self.best.forget_after(0)
         elif not header_written:
             self.write_header(engine)
         if state is None:

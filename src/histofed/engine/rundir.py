@@ -136,11 +136,17 @@ def truncate_jsonl(path: Path, last_round: int) -> None:
 
 
 # ---- payload files ------------------------------------------------------------------------
+def payload_file(path_stem: Path, suffix: str) -> Path:
+    """``<stem><suffix>``; a stem may hold dots (site "st.a"), so never ``with_suffix``."""
+    path_stem = Path(path_stem)
+    return path_stem.with_name(path_stem.name + suffix)
+
+
 def save_payload(path_stem: Path, payload: Payload) -> None:
     """``<stem>.npz`` (arrays) + ``<stem>.json`` (scalars, kind)."""
     path_stem.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path_stem.with_suffix(".npz"), **payload.arrays)
-    path_stem.with_suffix(".json").write_text(
+    np.savez(payload_file(path_stem, ".npz"), **payload.arrays)
+    payload_file(path_stem, ".json").write_text(
         json.dumps({"kind": payload.kind, "scalars": payload.scalars}))
 
 
@@ -151,11 +157,11 @@ def load_payload(path_stem: Path) -> Payload:
         FileNotFoundError: either file is missing.
         RunDirError: either file is empty, truncated or not what histofed wrote (names it).
     """
-    path = path_stem.with_suffix(".npz")
+    path = payload_file(path_stem, ".npz")
     try:
         with np.load(path) as z:
             arrays = {k: z[k] for k in z.files}
-        path = path_stem.with_suffix(".json")
+        path = payload_file(path_stem, ".json")
         meta = json.loads(path.read_text())
         return Payload(arrays, meta["scalars"], meta["kind"])
     except FileNotFoundError:
@@ -261,6 +267,6 @@ def set_aside(ckpt: Path) -> Path:
 
 def load_checkpoint(ckpt: Path) -> tuple[int, Payload, dict[str, Payload]]:
     rnd = json.loads((ckpt / "meta.json").read_text())["round"]
-    clients = {p.stem: load_payload(p.with_suffix(""))
+    clients = {p.name[:-4]: load_payload(p.with_name(p.name[:-4]))
                for p in sorted((ckpt / "clients").glob("*.npz"))} if (ckpt / "clients").exists() else {}
     return rnd, load_payload(ckpt / "server"), clients

@@ -207,7 +207,7 @@ class ClientRuntime:
             try:
                 if job.kind == "fit":
                     result.payload = self.algorithm.fit(ctx, job.payload)
-                    if job.evaluate_after:  # the locally fine-tuned model of this round
+                    if job.evaluate_after and job.payload.kind != "control":  # not a no-op job
                         result.metrics = evaluate_model(ctx, ctx.model, "finetuned")
                 elif job.kind == "score":
                     result.metrics = score(ctx, job.payload)

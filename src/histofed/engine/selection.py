@@ -52,7 +52,7 @@ class BestSnapshot:
 
     def load(self) -> tuple[int, Payload, dict[str, Payload]]:
         assert self.round is not None
-        clients = {p.stem: rundir.load_payload(p.with_suffix(""))
+        clients = {p.name[:-4]: rundir.load_payload(p.with_name(p.name[:-4]))
                    for p in sorted((self.dir / "clients").glob("*.npz"))} \
             if (self.dir / "clients").exists() else {}
         return self.round, rundir.load_payload(self.dir / "server"), clients
