@@ -43,7 +43,7 @@ from histofed.algorithms.fedmic import FedMIC
 from histofed.algorithms.fedprox import FedProx
 from histofed.config import config_from_dict, dump_toml
 from histofed.engine import data_root_from, load_federation, run_experiment
-from histofed.engine.rundir import new_run_dir, read_jsonl
+from histofed.engine.rundir import finished_with, new_run_dir, read_jsonl
 from histofed.options import option
 from histofed.report_plots import atomic_path, write_text
 
@@ -115,10 +115,8 @@ def run_one(args, key: tuple, root: Path, federations: dict) -> Path:
     out = Path(args.work) / f"{row}-a{alpha}-p{fraction}-seed{seed}"
     config = config_from_dict(make_config(args, row, alpha, fraction, seed),
                               source=f"benchmark row {row}")
-    info, saved = out / "run.json", out / "config.toml"
-    if (info.exists() and "finished" in json.loads(info.read_text()) and saved.exists()
-            and saved.read_text() == dump_toml(config.to_dict())):
-        return out  # finished with exactly this config
+    if finished_with(out, dump_toml(config.to_dict())):
+        return out
     if out.exists():
         shutil.rmtree(out)  # unfinished, or made with other settings
     if (alpha, seed) not in federations:

@@ -35,7 +35,7 @@ import torch
 
 from histofed.config import config_from_dict, dump_toml
 from histofed.engine import data_root_from, load_federation, run_experiment
-from histofed.engine.rundir import new_run_dir, read_jsonl
+from histofed.engine.rundir import finished_with, new_run_dir, read_jsonl
 from histofed.report_plots import atomic_path, write_text
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -83,10 +83,8 @@ def run_one(args, row: str, seed: int, root: Path, federations: dict) -> Path:
     """Run (or reuse) one (row, seed); returns its run directory."""
     out = Path(args.work) / f"{row}-seed{seed}"
     config = config_from_dict(make_config(args, row, seed), source=f"benchmark row {row}")
-    info, saved = out / "run.json", out / "config.toml"
-    if (info.exists() and "finished" in json.loads(info.read_text()) and saved.exists()
-            and saved.read_text() == dump_toml(config.to_dict())):
-        return out  # finished with exactly this config
+    if finished_with(out, dump_toml(config.to_dict())):
+        return out
     if out.exists():
         shutil.rmtree(out)  # unfinished, or made with other settings
     if seed not in federations:

@@ -161,11 +161,8 @@ def hold_out(federation: Federation, unseen: list[str] | str) -> Federation:
     if len(set(names)) >= len(valid):
         raise ValueError(f"[federation].unseen names every client of {federation.name!r} "
                          f"({', '.join(valid)}): at least one must train")
-    held = [c for c in federation.clients if c.name in names]
-    for client in held:
-        client.test = _everything(client)
-        client.val = None
-        client.info = {**client.info, "unseen": True}
+    held = [dataclasses.replace(c, test=_everything(c), val=None, info={**c.info, "unseen": True})
+            for c in federation.clients if c.name in names]  # copies: the input is left as it was
     kept = [c for c in federation.clients if c.name not in names]
     return dataclasses.replace(federation, clients=kept + held,
                                info={**federation.info, "unseen": names})

@@ -254,10 +254,7 @@ class Experiment:
             ok[res.cid] = res.payload
             egress += self._payload_egress(rnd, name, "up", res.payload, "fit")
             lines.append({"round": rnd, "client": name, "split": "train", **res.logs})
-            for key, metrics in res.metrics.items():  # "finetuned/<split>" (after_fit)
-                model, split = key.split("/")
-                lines.append({"round": rnd, "client": name, "split": split, "model": model,
-                              **metrics})
+            lines += metric_rows(rnd, name, res.metrics)  # "finetuned/<split>" (after_fit)
         rundir.append_jsonl(self.run_dir / "egress.jsonl", egress)
         self._log_metrics(lines)
         if not ok:
@@ -296,13 +293,13 @@ class Experiment:
         for res in results:
             name = self.names[res.cid]
             egress += self._payload_egress(rnd, name, "down", payloads[res.cid], "evaluate")
-            for key, metrics in res.metrics.items():
-                model, split = key.split("/")
-                lines.append({"round": rnd, "client": name, "split": split, "model": model, **metrics})
+            for row in metric_rows(rnd, name, res.metrics):
+                lines.append(row)
+                split, model, score = row["split"], row["model"], row.get(self.task.headline, np.nan)
                 if split == "test":
-                    scores.append(metrics.get(self.task.headline, np.nan))
+                    scores.append(score)
                 if split == "val":
-                    val.setdefault(model, []).append(metrics.get(self.task.headline, np.nan))
+                    val.setdefault(model, []).append(score)
         self._log_metrics(lines)
         rundir.append_jsonl(self.run_dir / "egress.jsonl", egress)
         # selection score: the global model's mean validation score (else the personal models')
@@ -342,12 +339,10 @@ class Experiment:
         for job, res in zip(jobs, results, strict=True):
             name = self.names[res.cid]
             egress += self._payload_egress(rnd, name, "down", job.payload, "unseen")
-            for key, metrics in res.metrics.items():
-                model, split = key.split("/")
-                lines.append({"round": rnd, "client": name, "split": split, "model": model,
-                              **metrics})
-                if model == "global":
-                    glob_scores.append(metrics.get(self.task.headline, np.nan))
+            for row in metric_rows(rnd, name, res.metrics):
+                lines.append(row)
+                if row["model"] == "global":
+                    glob_scores.append(row.get(self.task.headline, np.nan))
         self._log_metrics(lines)
         rundir.append_jsonl(self.run_dir / "egress.jsonl", egress)
         return f", unseen {np.nanmean(glob_scores):.3f}" if glob_scores else ""
@@ -375,6 +370,15 @@ class Experiment:
             if personal:
                 rundir.save_payload(final / "personal" / rundir.safe_stem(client.name),
                                     Payload(personal, {}, "weights"))
+
+
+def metric_rows(rnd: int, client: str, metrics: dict[str, dict[str, float]]) -> list[dict]:
+    """metrics.jsonl rows from a job's ``{"<model>/<split>": {...}}``."""
+    rows = []
+    for key, values in metrics.items():
+        model, split = key.split("/")
+        rows.append({"round": rnd, "client": client, "split": split, "model": model, **values})
+    return rows
 
 
 def config_with(config: Config, **run_updates) -> Config:

@@ -270,3 +270,11 @@ def load_checkpoint(ckpt: Path) -> tuple[int, Payload, dict[str, Payload]]:
     clients = {p.name[:-4]: load_payload(p.with_name(p.name[:-4]))
                for p in sorted((ckpt / "clients").glob("*.npz"))} if (ckpt / "clients").exists() else {}
     return rnd, load_payload(ckpt / "server"), clients
+
+
+def finished_with(run_dir: Path, config_toml: str) -> bool:
+    """True when ``run_dir`` is a finished run whose config.toml is exactly ``config_toml``
+    (benchmarks reuse such runs and redo any other)."""
+    info, saved = Path(run_dir) / "run.json", Path(run_dir) / "config.toml"
+    return (info.exists() and "finished" in json.loads(info.read_text()) and saved.exists()
+            and saved.read_text() == config_toml)
