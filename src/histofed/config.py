@@ -247,13 +247,3 @@ def _toml_value(value: Any) -> str:
 def _toml_key(key: str) -> str:
     """A bare key where TOML allows one, else quoted (``"site.a"`` must not become a table)."""
     return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else _toml_value(str(key))
-
-
-def check_options(where: str, options: dict[str, Any], valid: list[str]) -> None:
-    """Raise ConfigError for option keys not in ``valid`` (used by registry builders)."""
-    for key in options:
-        if key not in valid:
-            raise ConfigError(
-                f"unknown option {key!r} for {where}.{closest(key, valid)} "
-                f"Valid options: {', '.join(valid) or '(none)'}"
-            )

@@ -114,7 +114,7 @@ def check_values(where: str, params: dict[str, Param], given: dict[str, Any]) ->
 def check_call(where: str, fn: Callable, kwargs: dict[str, Any], *, fixed: tuple[str, ...] = ()):
     """Validate ``kwargs`` for ``fn``'s keyword parameters (``fixed`` ones are set by histofed,
     not by the user) and return them coerced."""
-    params = {k: v for k, v in signature_params(fn).items()}
+    params = signature_params(fn)
     given = {k: v for k, v in kwargs.items() if k not in fixed}
     return {**check_values(where, params, given), **{k: kwargs[k] for k in fixed if k in kwargs}}
 
