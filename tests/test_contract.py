@@ -149,6 +149,27 @@ def test_local_trains_different_architectures_and_averaging_refuses_them(tiny_co
                        run_dir=new_run_dir(tmp_path / "avg", "avg"))
 
 
+def test_misspelled_site_in_model_clients_is_an_error(tiny_config, tmp_path):
+    model = {**SMALL, "clients": {"synthetic-l": {"channels": [4, 8, 16]}}}  # l for 1
+    with pytest.raises(ConfigError, match=r"names 'synthetic-l', which is no site.*synthetic-1"):
+        run_experiment(tiny_config("local", model=model), data_root=None,
+                       run_dir=new_run_dir(tmp_path / "typo", "typo"))
+
+
+def test_a_spelled_out_default_is_the_same_architecture(tiny_config, tmp_path):
+    from histofed.models import canonical_spec
+
+    assert canonical_spec({"name": "unet", **SMALL}) == canonical_spec(
+        {"name": "unet", **SMALL, "norm": "group"})  # group is unet's default
+    assert canonical_spec({"name": "unet", **SMALL}) != canonical_spec(
+        {"name": "unet", **SMALL, "norm": "instance"})
+    model = {**SMALL, "clients": {"synthetic-1": {"norm": "group"}}}
+    out = new_run_dir(tmp_path / "avg", "avg")
+    run_experiment(tiny_config("fedavg", model=model, run={"rounds": 1}), data_root=None,
+                   run_dir=out)  # averaging accepts it
+    assert (out / "final" / "global.npz").exists()
+
+
 # ---- options -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name, options, match", [
     ("fedprox", {"mu": "abc"}, r"\[algorithm\] 'fedprox': option mu = 'abc' should be a number "

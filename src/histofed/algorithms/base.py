@@ -208,9 +208,11 @@ def require_same_architecture(sctx: ServerContext, method: str) -> None:
     Raises:
         ArchitectureMismatch: two roster entries have different model specs.
     """
+    from histofed.models import canonical_spec  # models import nothing of algorithms
+
     groups: dict[str, list[str]] = {}
     for c in sctx.clients:
-        groups.setdefault(json.dumps(c.model, sort_keys=True), []).append(c.name)
+        groups.setdefault(canonical_spec(c.model), []).append(c.name)
     if len(groups) > 1:
         described = "; ".join(f"{', '.join(names)}: {spec}" for spec, names in groups.items())
         raise ArchitectureMismatch(

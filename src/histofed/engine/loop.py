@@ -30,7 +30,7 @@ from histofed.config import Config, dump_toml
 from histofed.engine import rundir
 from histofed.engine.runtime import POOLED, ClientJob, JobResult
 from histofed.engine.selection import BestSnapshot
-from histofed.models import build_model, init_seed
+from histofed.models import build_model, canonical_spec, check_client_tables, init_seed
 from histofed.tasks import make_task
 
 
@@ -60,7 +60,7 @@ class ServerModels:
         self.training = {c.cid: c for c in roster}
         self.roster = {c.cid: c for c in [*roster, *extra]}
         self.num_classes = roster[0].num_classes
-        self.shared = len({json.dumps(c.model, sort_keys=True) for c in roster}) == 1
+        self.shared = len({canonical_spec(c.model) for c in roster}) == 1
 
     def __call__(self, cid: int | None = None) -> torch.nn.Module:
         if cid is None or cid == POOLED:
@@ -90,6 +90,7 @@ class Experiment:
         if not self.clients:
             raise RunError("every client is held out ([federation].unseen): none would train")
         self.algorithm = build_algorithm(config.algorithm)
+        check_client_tables(config.model, [c.name for c in roster])
         self.models = ServerModels(config, self.clients, extra=self.unseen)
         first = self.clients[0]
         self.task = make_task(first.task, config.train, first.num_classes,

@@ -21,7 +21,9 @@ class BestSnapshot:
 
     def __init__(self, run_dir: Path, *, higher_is_better: bool = True) -> None:
         self.dir = Path(run_dir) / "checkpoints" / "best"
+        self.tmp, self.old = self.dir.with_name(".tmp-best"), self.dir.with_name(".old-best")
         self.higher = higher_is_better
+        self._recover()
         meta = self.dir / "meta.json"
         info = json.loads(meta.read_text()) if meta.is_file() else {}
         self.round: int | None = info.get("round")
@@ -33,16 +35,30 @@ class BestSnapshot:
             return False
         if self.score is not None and not (score > self.score if self.higher else score < self.score):
             return False
-        tmp = self.dir.with_name(".tmp-best")
-        shutil.rmtree(tmp, ignore_errors=True)
-        rundir.save_payload(tmp / "server", server)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        rundir.save_payload(self.tmp / "server", server)
         for name, state in clients.items():
-            rundir.save_payload(tmp / "clients" / name, state)
-        atomic_write_text(tmp / "meta.json", json.dumps({"round": rnd, "score": score}))
-        shutil.rmtree(self.dir, ignore_errors=True)
-        tmp.rename(self.dir)
+            rundir.save_payload(self.tmp / "clients" / name, state)
+        atomic_write_text(self.tmp / "meta.json", json.dumps({"round": rnd, "score": score}))
+        # two renames, never a moment without a complete snapshot on disk: a crash between
+        # them leaves .old-best (or the complete .tmp-best), which _recover() puts back
+        shutil.rmtree(self.old, ignore_errors=True)
+        if self.dir.exists():
+            self.dir.rename(self.old)
+        self.tmp.rename(self.dir)
+        shutil.rmtree(self.old, ignore_errors=True)
         self.round, self.score = rnd, score
         return True
+
+    def _recover(self) -> None:
+        """Finish or undo a swap a crash interrupted (see :meth:`offer`)."""
+        if not self.dir.exists():
+            if (self.tmp / "meta.json").is_file():  # meta.json is written last: tmp is complete
+                self.tmp.rename(self.dir)
+            elif self.old.exists():
+                self.old.rename(self.dir)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        shutil.rmtree(self.old, ignore_errors=True)
 
     def forget_after(self, done: int) -> None:
         """On resume from round ``done``: a snapshot from a later (re-run) round is dropped."""

@@ -18,6 +18,8 @@ it in its roster entry); :func:`build_model` builds any spec with seeded initial
 from __future__ import annotations
 
 import contextlib
+import inspect
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -70,6 +72,38 @@ def shared_model_spec(cfg: NamedConfig) -> dict[str, Any]:
     return {"name": cfg.name, **{k: v for k, v in cfg.options.items() if k not in _SPEC_KEYS}}
 
 
+def canonical_spec(spec: dict[str, Any]) -> str:
+    """A spec as sorted JSON with the model's own defaults filled in, so that two specs that
+    differ only by spelling out a default (``norm = "group"`` vs nothing) compare equal.
+
+    Example:
+        >>> canonical_spec({"name": "cnn"}) == canonical_spec({"name": "cnn", "norm": "group"})
+        True
+    """
+    full = dict(spec)
+    factory = MODELS.get(full["name"]) if full.get("name") in MODELS else None
+    if factory is not None:
+        for param in inspect.signature(factory).parameters.values():
+            if param.default is not inspect.Parameter.empty and param.name != "num_classes":
+                full.setdefault(param.name, param.default)
+    return json.dumps(full, sort_keys=True, default=str)
+
+
+def check_client_tables(cfg: NamedConfig, sites: list[str]) -> None:
+    """``[model].clients`` may only name sites of the federation (a typo would silently give
+    that site the shared model).
+
+    Raises:
+        ConfigError: a table names no site; lists the valid names and the closest one.
+    """
+    from histofed.registry import closest
+
+    for name in (cfg.options.get("clients") or {}):
+        if name not in sites:
+            raise ConfigError(f"[model].clients names {name!r}, which is no site of this "
+                              f"federation.{closest(str(name), sites)} Sites: {', '.join(sites)}")
+
+
 @contextlib.contextmanager
 def seeded_init(seed: int | None) -> Iterator[None]:
     """Initial weights drawn from torch's generator seeded with ``seed`` in a forked RNG state:
@@ -109,5 +143,5 @@ def build_model(cfg: NamedConfig | dict[str, Any], *, num_classes: int, seed: in
             raise ConfigError(f"[model] {name!r}: {err}. Check the option names in [model].") from None
 
 
-__all__ = ["MODELS", "build_model", "client_model_spec", "init_seed", "register_model",
+__all__ = ["MODELS", "build_model", "canonical_spec", "check_client_tables", "client_model_spec", "init_seed", "register_model",
            "seeded_init", "shared_model_spec"]
