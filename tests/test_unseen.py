@@ -59,6 +59,15 @@ def test_unseen_site_never_trains_and_scores_every_model(tiny_config, tmp_path):
     assert info["unseen"] == ["synthetic-1"] and info["clients"] == ["synthetic-0", "synthetic-2"]
 
 
+def test_under_dp_personal_models_stay_home_and_only_the_global_model_is_scored(tiny_config,
+                                                                                 tmp_path):
+    alg = {"base": "fedbn", "sigma": 0.0, "clip": 1e9}  # FedBN's norm layers: trained without DP
+    cfg = tiny_config("feddp", federation=HOLD_OUT, algorithm=alg, run={"rounds": 1})
+    _, out = _run(cfg, tmp_path, "dp")
+    unseen = {r["model"] for r in read_jsonl(out / "metrics.jsonl") if r.get("split") == "unseen"}
+    assert unseen == {"global"}
+
+
 def test_best_val_selects_on_validation_and_final_holds_that_round(tiny_config, tmp_path):
     cfg = tiny_config("fedavg", federation=HOLD_OUT, eval=BEST_VAL,
                       run={"rounds": 3, "keep_checkpoints": 0})

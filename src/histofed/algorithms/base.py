@@ -252,6 +252,9 @@ class Algorithm:
         pooled: centralised baseline: the engine trains one model on the pooled data.
         mean_aggregation: ``aggregate`` is theta + a (weighted) mean of client updates, so a
             DP wrapper may replace it by a noisy fixed-denominator sum (central noise).
+        personal_models_may_travel: a site's personal model may be sent to a held-out site
+            to be scored there (in-process evaluation). False for DP methods: personal parts
+            (e.g. FedBN's norm layers) are not covered by the privacy accounting.
 
     Options are dataclass fields; ``from_options`` validates them from the annotations and
     ``histofed.options.option`` constraints (unknown key, type, range: a ConfigError).
@@ -261,6 +264,7 @@ class Algorithm:
     one_shot: ClassVar[bool] = False
     pooled: ClassVar[bool] = False
     mean_aggregation: ClassVar[bool] = False
+    personal_models_may_travel: ClassVar[bool] = True
 
     # ---- server side -------------------------------------------------------------------
     def init_state(self, sctx: ServerContext, init_weights: dict[str, np.ndarray]) -> Payload:

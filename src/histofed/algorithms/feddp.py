@@ -50,7 +50,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -168,6 +168,10 @@ class FedDP(Algorithm):
                                          accountant=self.accountant)
         return noise_for_epsilon(target_epsilon=self.target_epsilon, delta=self.delta, q=self.q,
                                  steps=self.target_rounds, accountant=self.accountant)
+
+    # personal parts (FedBN's norm layers, a personal model) are trained without DP: they
+    # never go to another site, not even to be scored on a held-out one
+    personal_models_may_travel: ClassVar[bool] = False
 
     @property
     def mean_aggregation(self) -> bool:  # type: ignore[override]

@@ -313,14 +313,15 @@ class Experiment:
                       states: dict[str, Payload]) -> str:
         """Score every model the run has on each held-out site: the global model, and each
         training site's personal model where the engine holds it (in-process); rows with split
-        "unseen" and model "global" / "personal:<site>". Returns a progress-bar summary."""
+        "unseen" and model "global" / "personal:<site>" (not for methods whose personal
+        models may not leave their site, e.g. under DP). Returns a progress-bar summary."""
         if not self.unseen:
             return ""
         candidates: dict[str, tuple[dict, dict]] = {}  # label -> (weights, spec)
         glob = self.algorithm.final_weights(state)
         if glob and self.models.shared:
             candidates["global"] = (glob, self.clients[0].model)
-        for c in self.clients:
+        for c in self.clients if self.algorithm.personal_models_may_travel else []:
             own = states.get(c.name, Payload(kind="state")) if transport.keeps_state else \
                 Payload(kind="state")
             personal = self.algorithm.personal_weights(c, state, own)
