@@ -73,8 +73,10 @@ class LocalGrid:
 
 
 def _serve(cfg, run_dir, grid=None, **spec):
-    """Run the real server_app over a LocalGrid (3 nodes with partition-ids 0..2)."""
+    """Run the real server_app over a LocalGrid (3 nodes with partition-ids 0..2); the nodes
+    keep private state under ``<run_dir>/node-state`` (as in the simulation)."""
     grid = grid or LocalGrid([0, 1, 2])
+    spec.setdefault("node_state_dir", str(Path(run_dir) / "node-state"))
     run_spec = F.RunSpec(config_text=dump_toml(cfg.to_dict()), run_dir=run_dir, **spec)
     F.server_app(grid=grid, context=Context(run_id=1, node_id=0, node_config={},
                                             state=RecordDict(), run_config=run_spec.to_run_config()))
@@ -173,17 +175,18 @@ def test_fedavg_with_crash_and_resume_equals_inprocess(inprocess, tmp_path):
     assert not (out / F.MARKER).exists()  # FedAvg clients keep no private state
 
 
-def test_fedbn_state_never_travels_and_blocks_resume(inprocess, tmp_path):
+def test_fedbn_state_never_travels_and_resumes_from_the_nodes_disks(inprocess, tmp_path, capsys):
+    """FedBN stops after round 2; round 2's checkpoint is then damaged, so the server resumes
+    after round 1 on fresh nodes (empty memory: a restart), which restore their norm layers of
+    round 1 from disk although they also hold round 2's: same weights as in-process."""
     cfg = _cfg("fedbn")
     out = tmp_path / "fedbn"
-    grid = _serve(cfg, out)
-    _assert_same_weights(_final(out), _final(inprocess("fedbn")))
-    assert _test_rows(out) == _test_rows(inprocess("fedbn"))  # "personal" models use node state
+    grid = _serve(cfg, out, stop_after=2)
     norms = {k for k in norm_keys(build_model(cfg.model, num_classes=1))
              if not k.endswith("num_batches_tracked")}
     assert norms
     jobs = [(d, t, c) for d, t, c in grid.log if t != "query"]
-    assert len(jobs) == 3 * 3 * 2 * 2  # rounds x clients x (fit, evaluate) x (down, up)
+    assert len(jobs) == 2 * 3 * 2 * 2  # rounds x clients x (fit, evaluate) x (down, up)
     for direction, _, content in jobs:
         assert not any(k.startswith(rec.STATE) for k in content)
         arrays = rec.records_to_payload(content).arrays if rec.has_payload(content) else {}
@@ -191,10 +194,41 @@ def test_fedbn_state_never_travels_and_blocks_resume(inprocess, tmp_path):
         assert first_broadcast or not (norms & set(arrays)), "norm layers left a node"
     for ctx in grid.contexts.values():  # ... and they are kept on each node
         assert set(rec.load_state(ctx.state).arrays) == norms
-    assert json.loads((out / F.MARKER).read_text())["clients_with_private_state"] == \
-        ["synthetic-0", "synthetic-1", "synthetic-2"]
-    with pytest.raises(RunError, match="cannot resume on Flower: algorithm 'fedbn' keeps private"):
+    marker = json.loads((out / F.MARKER).read_text())
+    assert marker["clients_with_private_state"] == ["synthetic-0", "synthetic-1", "synthetic-2"]
+    assert marker["state_rounds"]["2"] == {f"synthetic-{i}": 2 for i in range(3)}
+    (out / "checkpoints" / "round-0002" / "server.npz").write_bytes(b"")  # damaged
+    capsys.readouterr()
+    _serve(cfg, out, resume=True)
+    err = capsys.readouterr().err
+    assert "round-0002/server.npz is truncated or damaged" in err and "after round 1" in err
+    ref = inprocess("fedbn")
+    _assert_same_weights(_final(out), _final(ref))
+    assert _test_rows(out) == _test_rows(ref)  # "personal" models: each node's own norm layers
+    joined = [r for r in read_jsonl(out / F.NODES_LOG) if r["event"] == "joined"]
+    assert [(r["round"], r["state_round"], r["state_from"]) for r in joined] == \
+        [(0, 0, "none")] * 3 + [(1, 1, "disk")] * 3
+
+
+def test_resume_refuses_a_node_without_the_expected_state(tmp_path):
+    cfg = _cfg("fedbn", run={"rounds": 2})
+    out = tmp_path / "fedbn"
+    _serve(cfg, out, stop_after=1)
+    folder = next((out / "node-state").glob("*/synthetic-1"))
+    (folder / "checkpoints" / "round-0001").rename(folder / "checkpoints" / "round-0007")
+    with pytest.raises(RunError, match=r"joined: client 'synthetic-1' \(node 101\): site "
+                                       r"'synthetic-1': the server expects this client's private "
+                                       r"state of round 1, but .*synthetic-1 holds rounds \[7\]"):
         _serve(cfg, out, resume=True)
+    (folder / "checkpoints" / "round-0007").rename(folder / "checkpoints" / "round-0001")
+    (folder / "checkpoints" / "round-0001" / "clients" / "synthetic-1.npz").write_bytes(b"x")
+    with pytest.raises(RunError, match="synthetic-1': the private state of round 1 is damaged: "
+                                       ".*synthetic-1.npz is truncated or damaged"):
+        _serve(cfg, out, resume=True)
+    with pytest.raises(RunError, match="client 'synthetic-0' .*state of round 1, but "
+                                       f"{tmp_path / 'empty'}/.* holds rounds none"):
+        _serve(cfg, out, resume=True,  # a node's own state-dir wins over the run's
+               grid=LocalGrid([0, 1, 2], **{"state-dir": str(tmp_path / "empty")}))
 
 
 def test_resume_of_inprocess_run_with_client_state_is_refused(tmp_path):
@@ -209,7 +243,9 @@ def test_resume_of_inprocess_run_with_client_state_is_refused(tmp_path):
 @pytest.mark.parametrize("pids, match", [
     ([0, 0, 1], "nodes 100 and 101 both have partition-id 0"),
     ([0, 1, 5], r"no Flower node has partition-id 2 \(synthetic-2\)"),
-    ([0, 1], "only 2 of 3 Flower nodes connected"),
+    ([0, 1], r"only 2 of 3 Flower nodes connected within 0 s \(node-wait\): connected: "
+             r"synthetic-0 \(partition-id 0\), synthetic-1 \(partition-id 1\); missing: "
+             r"synthetic-2 \(partition-id 2\)\..*node-wait=600"),
     ([0, None, 2], "node 101 failed: ValueError: .*partition-id=None.*--node-config"),
 ])
 def test_handshake_errors_name_the_node_and_the_fix(pids, match):
