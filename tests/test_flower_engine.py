@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from conftest import REPO, tiny_config_dict
 from flwr.app import Context, Error, Message, RecordDict
-from flwr.common.constant import ErrorCode
+from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 
 from histofed.algorithms import ALGORITHMS
@@ -251,6 +251,104 @@ def test_resume_of_inprocess_run_with_client_state_is_refused(tmp_path):
 def test_handshake_errors_name_the_node_and_the_fix(pids, match):
     with pytest.raises(RunError, match=match):
         F.FlowerTransport(LocalGrid(pids), config_text=dump_toml(_cfg().to_dict()), node_wait=0.0)
+
+
+class DyingGrid(LocalGrid):
+    """A LocalGrid in which node ``node`` dies when it gets its fit job of round ``rnd``: no
+    reply (a round-timeout) or, with ``unreachable``, the SuperLink's own NODE_UNAVAILABLE
+    reply. It is gone for the rest of that round and comes back for the next one as a new node
+    id with an empty memory (a restarted SuperNode)."""
+
+    def __init__(self, pids, *, rnd=2, node=101, unreachable=False, **node_config):
+        super().__init__(pids, **node_config)
+        self.rnd, self.node, self.unreachable = rnd, node, unreachable
+        self.waiting: dict[int, Context] = {}  # restarted nodes not yet connected
+
+    def send_and_receive(self, messages, *, timeout=None):
+        lost = [m for m in messages if m.metadata.dst_node_id == self.node
+                and rec.JOB in m.content and m.content[rec.JOB]["round"] == self.rnd]
+        replies = super().send_and_receive([m for m in messages if m not in lost], timeout=timeout)
+        for m in lost:  # the node dies: its context (memory) is lost
+            m.metadata.__dict__["_message_id"] = m.object_id  # as a real Grid's push sets it
+            if self.unreachable:
+                error = Message(Error(ErrorCode.NODE_UNAVAILABLE, "Error: Node Unavailable"),
+                                reply_to=m)
+                error.metadata.__dict__["_src_node_id"] = SUPERLINK_NODE_ID  # the SuperLink wrote it
+                replies.append(error)
+            old = self.contexts.pop(self.node)
+            self.waiting[200 + self.node % 100] = Context(
+                run_id=1, node_id=200 + self.node % 100, state=RecordDict(), run_config={},
+                node_config=old.node_config)
+        kinds = {m.content[rec.JOB]["kind"] for m in messages if rec.JOB in m.content}
+        rounds = {m.content[rec.JOB]["round"] for m in messages if rec.JOB in m.content}
+        if self.waiting and kinds == {"evaluate"} and rounds == {self.rnd}:
+            self.contexts.update(self.waiting)  # back after the round it died in
+            self.waiting.clear()
+        return replies
+
+
+def _uploads_and_next_broadcast(grid, rnd):
+    """The fit uploads of round ``rnd`` (by node) and the round ``rnd + 1`` fit broadcast."""
+    ups, down, current = {}, None, None
+    for direction, kind, content in grid.log:
+        if direction == "down" and rec.JOB in content:
+            current = (content[rec.JOB]["kind"], content[rec.JOB]["round"])
+            if current == ("fit", rnd + 1) and down is None:
+                down = rec.records_to_payload(content).arrays
+        elif direction == "up" and current == ("fit", rnd):
+            ups[content[rec.RESULT]["cid"]] = rec.records_to_payload(content).arrays
+    return ups, down
+
+
+@pytest.mark.parametrize("method, unreachable", [("fedavg", False), ("fedbn", True)])
+def test_node_killed_mid_round_drops_out_and_rejoins_next_round(method, unreachable, tmp_path,
+                                                                capsys):
+    """Round 2 goes on without synthetic-1 (min-clients = 2), whose dropout is logged; its
+    restarted node rejoins for round 3 (FedBN: restoring its round-1 norm layers from disk)."""
+    cfg = _cfg(method, algorithm={"weight": "uniform"})
+    out = tmp_path / method
+    grid = DyingGrid([0, 1, 2], unreachable=unreachable)
+    _serve(cfg, out, grid=grid, min_clients=2, round_timeout=5.0)
+    reason = "unreachable: Error: Node Unavailable" if unreachable else \
+        "no reply within 5.0 s (round-timeout)"
+    err = capsys.readouterr().err
+    assert (f"warning: round 2 fit: client 'synthetic-1' (node 101): {reason}; continuing with 2 "
+            "of 3 clients (min-clients = 2; logged in nodes.jsonl)") in err
+    assert "client 'synthetic-1' rejoined on node 201" in err
+    events = [(r["event"], r["round"], r["client"], r["node"], r.get("job"))
+              for r in read_jsonl(out / F.NODES_LOG) if r["event"] != "joined"]
+    assert events == [("dropped", 2, "synthetic-1", 101, "round 2 fit"),
+                      ("dropped", 2, "synthetic-1", 101, "round 2 eval"),
+                      ("rejoined", 2, "synthetic-1", 201, None)]
+    rejoined = read_jsonl(out / F.NODES_LOG)[-1]
+    assert (rejoined["state_round"], rejoined["state_from"]) == \
+        ((1, "disk") if method == "fedbn" else (0, "none"))
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [r["round"] for r in rows if r.get("event") == "client_failed"] == [2]
+    trained = {(r["round"], r["client"]) for r in rows if r.get("split") == "train"}
+    assert ("synthetic-1", 2) not in {(c, n) for n, c in trained}
+    assert {(3, f"synthetic-{i}") for i in range(3)} <= trained  # back in round 3
+    ups, glob = _uploads_and_next_broadcast(grid, 2)
+    assert sorted(ups) == [0, 2] and glob is not None  # the global model of round 2 ...
+    for key, value in glob.items():  # ... is the mean of the two uploads that came back
+        np.testing.assert_allclose(value, (ups[0][key].astype(np.float64) + ups[2][key]) / 2,
+                                   rtol=1e-6, atol=1e-7, err_msg=key)
+    assert np.isfinite(np.concatenate([v.ravel() for v in _final(out).values()])).all()
+
+
+@pytest.mark.parametrize("min_clients, one_shot, match", [
+    (0, False, r"round 2 fit: client 'synthetic-1' \(node 101\): no reply within 5.0 s "
+               r"\(round-timeout\); only 2 of 3 clients answered and min-clients = all"),
+    (2, True, r"round 1 fit: .*only 2 of 3 clients answered and this method communicates once"),
+])
+def test_too_few_replies_stop_the_round_with_a_clear_error(min_clients, one_shot, match,
+                                                           monkeypatch, tmp_path):
+    monkeypatch.setattr(ALGORITHMS.get("fedavg"), "one_shot", one_shot)
+    out = tmp_path / "strict"
+    with pytest.raises(RunError, match=match):
+        _serve(_cfg("fedavg", run={"rounds": 2}), out, grid=DyingGrid([0, 1, 2], rnd=2 - one_shot),
+               min_clients=min_clients, round_timeout=5.0)
+    assert [r["event"] for r in read_jsonl(out / F.NODES_LOG)][-1] == "dropped"
 
 
 class _BoomAlgorithm(ALGORITHMS.get("fedavg")):

@@ -399,12 +399,11 @@ class FlowerTransport:
                   desc: str) -> dict[int, Message]:
         """send_and_receive; replies by the node each message went to (a reply the SuperLink
         writes for an unreachable node comes from the SuperLink itself). No reply: absent."""
+        received = list(self.grid.send_and_receive(messages, timeout=self.timeout))
         sent = {m.metadata.message_id: m.metadata.dst_node_id for m in messages
-                if m.metadata.message_id}  # set when pushed to a SuperLink
-        replies = {}
-        for reply in self.grid.send_and_receive(messages, timeout=self.timeout):
-            replies[sent.get(reply.metadata.reply_to_message_id) or reply.metadata.src_node_id] = reply
-        return replies
+                if m.metadata.message_id}  # set by the Grid when it pushed them
+        return {sent.get(r.metadata.reply_to_message_id) or r.metadata.src_node_id: r
+                for r in received}
 
     def _check_replies(self, messages: list[Message], replies: dict[int, Message],
                        labels: dict[int, str], desc: str) -> None:
