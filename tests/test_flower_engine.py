@@ -210,6 +210,25 @@ def test_fedbn_state_never_travels_and_resumes_from_the_nodes_disks(inprocess, t
         [(0, 0, "none")] * 3 + [(1, 1, "disk")] * 3
 
 
+def test_feddp_record_level_server_killed_and_resumed_equals_an_uninterrupted_run(tmp_path):
+    """The server stops after round 1 and is resumed on fresh nodes: same round counter, the
+    same per-client accountants (kept in each node's private state) and the same weights."""
+    cfg = _cfg("feddp", model={"norm": "group", "channels": [4, 8]}, run={"rounds": 2},
+               algorithm={"level": "record", "sigma": 1.0, "clip": 1.0})
+    ref = new_run_dir(tmp_path / "ip", "ip")
+    run_experiment(cfg, data_root=None, run_dir=ref)
+    out = tmp_path / "flower"
+    _serve(cfg, out, stop_after=1)
+    assert [r["round"] for r in read_jsonl(out / "privacy.jsonl")] == [1]
+    _serve(cfg, out, resume=True)
+    assert [r["round"] for r in read_jsonl(out / "timing.jsonl")] == [1, 2]
+    for log in ("privacy.jsonl", "privacy_clients.jsonl"):
+        assert read_jsonl(out / log) == read_jsonl(ref / log), log
+    assert read_jsonl(out / "privacy.jsonl")[1]["epsilon"] > read_jsonl(out / "privacy.jsonl")[0]["epsilon"]
+    _assert_same_weights(_final(out), _final(ref))
+    assert _test_rows(out) == _test_rows(ref)
+
+
 def test_resume_refuses_a_node_without_the_expected_state(tmp_path):
     cfg = _cfg("fedbn", run={"rounds": 2})
     out = tmp_path / "fedbn"
@@ -414,11 +433,15 @@ def test_simulation_fedavg_equals_inprocess(inprocess, tmp_path):
     _assert_same_weights(_final(out), _final(ref))
     assert _test_rows(out) == _test_rows(ref) and len(_test_rows(out)) == 3 * 3
     assert read_jsonl(out / "egress.jsonl") == read_jsonl(ref / "egress.jsonl")
-    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in ref.iterdir())
+    assert sorted(p.name for p in out.iterdir() if p.name != F.NODES_LOG) == \
+        sorted(p.name for p in ref.iterdir())  # nodes.jsonl: joins and dropouts of Flower nodes
 
 
 @pytest.mark.flower
-def test_simulation_fedbn_keeps_norm_layers_on_the_nodes(inprocess, tmp_path, monkeypatch):
+def test_simulation_fedbn_keeps_norm_layers_on_the_nodes_and_resumes(inprocess, tmp_path,
+                                                                     monkeypatch):
+    """Stopped after round 1 and resumed in a second simulation (new node processes: their
+    memory is gone, their state folders under the run directory are not): same as in-process."""
     sent: list[tuple[int, RecordDict]] = []  # (round, content) of every message both ways
     exchange = F.FlowerTransport._exchange
 
@@ -431,13 +454,17 @@ def test_simulation_fedbn_keeps_norm_layers_on_the_nodes(inprocess, tmp_path, mo
 
     monkeypatch.setattr(F.FlowerTransport, "_exchange", spy)
     out = tmp_path / "sim-bn"
-    F.run_flower_simulation(_cfg("fedbn"), data_root=None, run_dir=out, num_cpus=1)
+    F.run_flower_simulation(_cfg("fedbn"), data_root=None, run_dir=out, num_cpus=1, stop_after=1)
+    F.run_flower_simulation(_cfg("fedbn"), data_root=None, run_dir=out, num_cpus=1, resume=True)
+    joined = [r for r in read_jsonl(out / F.NODES_LOG) if r["event"] == "joined"]
+    assert [(r["round"], r["state_round"], r["state_from"]) for r in joined] == \
+        [(0, 0, "none")] * 3 + [(1, 1, "disk")] * 3
     ref = inprocess("fedbn")
     _assert_same_weights(_final(out), _final(ref))
     assert _test_rows(out) == _test_rows(ref)  # personal models: each node's own norm layers
     model = build_model(_cfg("fedbn").model, num_classes=1)
     norms = {k for k in norm_keys(model) if not k.endswith("num_batches_tracked")}
-    assert len(sent) == 2 * 3 + 3 * 3 * 2 * 2  # handshake + rounds x clients x jobs x ways
+    assert len(sent) == 2 * 2 * 3 + 3 * 3 * 2 * 2  # 2 handshakes + rounds x clients x jobs x ways
     for rnd, content in sent:
         assert not any(k.startswith(rec.STATE) for k in content)
         if rec.has_payload(content) and rnd != 1:  # round 1 broadcasts the initial model
@@ -466,13 +493,14 @@ def test_server_without_data_equals_inprocess(tiny_config, tmp_path):
         _serve(cfg, tmp_path / "nodata", data_root="")  # nodes without data: named, not hidden
 
 
-def test_fedsoda_personalised_writes_the_same_final_files_on_both_engines(tmp_path):
+def test_fedsoda_personalised_resumed_writes_the_same_final_files_on_both_engines(tmp_path):
     soda = {"personalised": True, "synthetic_size": 32, "synthetic_batch": 2}
     cfg = _cfg("fedsoda", model={"norm": "group"}, algorithm=soda, run={"rounds": 2})
     ref = new_run_dir(tmp_path / "ip", "ip")
     run_experiment(cfg, data_root=None, run_dir=ref)
     out = tmp_path / "flower"
-    _serve(cfg, out)
+    _serve(cfg, out, stop_after=1)  # the server stops; the resumed run gets fresh nodes
+    _serve(cfg, out, resume=True)
     files = lambda d: sorted(str(p.relative_to(d)) for p in (d / "final").rglob("*.npz"))  # noqa: E731
     assert files(out) == files(ref) and "final/personal/synthetic-2.npz" in files(ref)
     for rel in files(ref):
