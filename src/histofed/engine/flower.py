@@ -60,7 +60,7 @@ from histofed.engine.loop import Experiment, RunError, config_with  # noqa: E402
 from histofed.engine.runtime import POOLED, ClientJob, ClientRuntime, JobResult  # noqa: E402
 
 RUN = "histofed.run"  # ConfigRecord of the handshake (and of a node's run info in context.state)
-NODE = "histofed.node-state"  # ConfigRecord: where a node keeps private state, which round it holds
+NODE = node_state.NODE  # ConfigRecord: where a node keeps private state, which round it holds
 MARKER = "flower.json"  # run_dir file: run key, clients with private state, their state rounds
 NODES_LOG = "nodes.jsonl"  # run_dir log: nodes that joined, dropped out of a round, rejoined
 # Replies the SuperLink writes itself when a node is gone: a dropout, not a client failure
@@ -148,7 +148,8 @@ class FlowerTransport:
     def __init__(self, grid: Grid, *, config_text: str, data_root: str | Path | None = None,
                  run_dir: Path | None = None, node_wait: float = 300.0,
                  timeout: float | None = None, expected: int | None = None,
-                 min_clients: int = 0, run_key: str = "", state_rounds: dict[str, int] | None = None,
+                 min_clients: int = 0, run_key: str = "",
+                 state_rounds: dict[str, int] | None = None,
                  history: dict[str, dict[str, int]] | None = None, node_state_dir: str = "",
                  after_round: int = 0) -> None:
         self.grid = grid
@@ -446,10 +447,26 @@ def _warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
+def read_marker(run_dir: Path) -> dict[str, Any]:
+    """``flower.json`` ({} when absent).
+
+    Raises:
+        RunError: it is not valid JSON (names the file).
+    """
+    marker = run_dir / MARKER
+    if not marker.exists():
+        return {}
+    try:
+        return json.loads(marker.read_text())
+    except json.JSONDecodeError as err:
+        raise RunError(f"{marker} is damaged ({err}); it holds the key of the nodes' state "
+                       "folders and the rounds of their states, without which a resume would "
+                       "lose the clients' private state. Restore it from a copy") from None
+
+
 def resume_state(run_dir: Path, done: int) -> tuple[str, dict[str, int], dict[str, dict[str, int]]]:
     """(run key, each client's state round at round ``done``, history) from ``flower.json``."""
-    marker = run_dir / MARKER
-    info = json.loads(marker.read_text()) if marker.exists() else {}
+    info = read_marker(run_dir)
     history = {str(r): {k: int(v) for k, v in rounds.items()}
                for r, rounds in info.get("state_rounds", {}).items()}
     before = [int(r) for r in history if int(r) <= done]
@@ -567,8 +584,7 @@ def prepare_run_dir(run_dir: Path | None, config: Config, *, resume: bool) -> Pa
             f"algorithm {config.algorithm.name!r} ({', '.join(sorted(held))}), written by the "
             "in-process engine, and Flower nodes keep their own. Resume it with the in-process "
             "engine, or start a new run")
-    marker = run_dir / MARKER
-    info = json.loads(marker.read_text()) if marker.exists() else {}
+    info = read_marker(run_dir)
     if ckpts and info.get("clients_with_private_state") and "run_key" not in info:
         raise RunError(
             f"{run_dir}: cannot resume on Flower: its nodes kept private client state "
@@ -651,35 +667,9 @@ def client_handshake(msg: Message, context: Context) -> Message:
     if 0 <= int(pid) < len(names):  # this site's roster entry: what it tells the coordinator
         record.update(runtime.roster([int(pid)])[0].to_scalars())
         if NODE in msg.content:  # where its private state lives; restore the one expected
-            reply[NODE] = _node_state_handshake(msg.content[NODE], context, names[int(pid)])
+            reply[NODE] = node_state.handshake(msg.content[NODE], context, names[int(pid)])
     reply[RUN] = ConfigRecord(record)
     return Message(reply, reply_to=msg)
-
-
-def _node_state_handshake(info: ConfigRecord, context: Context, site: str) -> ConfigRecord:
-    """Find this run's state folder on this node and restore the state the server expects.
-
-    Folder root: node config ``state-dir``, else the run's ``node-state-dir``, else
-    ``.histofed-node`` in the working directory. Problems are reported, not raised, so the
-    server's error can name the site and both rounds.
-    """
-    root = str(context.node_config.get("state-dir", "") or info["state-dir"]
-               or node_state.DEFAULT_ROOT)
-    folder = node_state.state_folder(root, str(info["run-name"]), str(info["run-key"]), site)
-    before = context.state[NODE] if NODE in context.state else None
-    if before is not None and before["folder"] != str(folder):
-        node_state.keep(context.state, Payload(kind="state"), 0)  # another run's: not ours
-        before = None
-    expected = int(json.loads(str(info["state-rounds"])).get(site, 0))
-    try:
-        source, problem = node_state.restore(context.state, expected, folder, site), ""
-    except node_state.NodeStateError as err:
-        source, problem = "missing", str(err)
-    if source == "memory" and before is not None:  # asked twice: where the state came from
-        source = str(before["from"])
-    context.state[NODE] = ConfigRecord({"folder": str(folder), "site": site, "from": source})
-    return ConfigRecord({"state-round": node_state.memory_round(context.state),
-                         "state-from": source, "state-dir": str(folder), "problem": problem})
 
 
 def _run_job(msg: Message, context: Context) -> Message:
@@ -693,21 +683,15 @@ def _run_job(msg: Message, context: Context) -> Message:
                            f"{run['cid']} (config {run['config-sha']})")
     if _MESSAGE_TYPE.get(job.kind) != msg.metadata.message_type:
         raise RuntimeError(f"{job.kind} job in a {msg.metadata.message_type!r} message")
-    node = context.state[NODE] if NODE in context.state else None
-    folder = Path(str(node["folder"])) if node is not None else None
     expected = msg.content[rec.JOB].get("state-round")
     if expected is not None:  # hold the state of the round the server expects (or fail)
-        node_state.restore(context.state, int(expected), folder, str(node["site"]) if node
-                           else f"client {job.cid}")
+        node_state.restore_for_job(context.state, int(expected), job.cid)
     job.state = rec.load_state(context.state)
     runtime = client_runtime(str(run["config"]), str(run["data-root"]))
     result = runtime.run(job)
     state = result.state if result.state is not None else job.state
-    if job.kind == "fit":  # as in-process: only fit jobs update a client's state
-        node_state.keep(context.state, state, job.round)
-        if folder is not None and not state.is_empty():  # on disk too, for a restart
-            keep = runtime.config.run.keep_checkpoints
-            node_state.persist(folder, str(node["site"]), job.round, state, keep and keep + 2)
+    if job.kind == "fit":  # as in-process: only fit jobs update a client's state (memory + disk)
+        node_state.after_fit(context.state, state, job.round, runtime.config.run.keep_checkpoints)
     kept = rec.load_state(context.state)
     return Message(rec.result_to_content(result, has_state=not kept.is_empty()), reply_to=msg)
 
@@ -739,12 +723,13 @@ def run_flower_simulation(config: Config, *, data_root: Path | str | None, run_d
     One virtual SuperNode per client; at most ``num_cpus`` (default ``[run].workers``, 0 = all
     cores) ClientApp actors of one CPU each run at once. The run directory is written exactly
     as by the in-process engine (config.toml, run.json, metrics.jsonl, egress.jsonl,
-    checkpoints, final/), plus ``flower.json`` when clients keep private state on their nodes.
+    checkpoints, final/), plus ``nodes.jsonl`` (nodes that joined) and, when clients keep
+    private state, ``flower.json`` and the nodes' state folders under ``node-state/``.
 
     Raises:
         ConfigError: a method that cannot run on Flower (the pooled baseline).
-        RunError: resume of a run whose clients keep private state (Flower cannot restore it),
-            or a client failure (names the client and its node).
+        RunError: resume of a run whose checkpoints hold in-process client state, a node
+            without the state the resume expects, or a client failure (names client and node).
     """
     from flwr.simulation.run_simulation import _run_simulation
     from flwr.supercore.telemetry import EventType

@@ -24,16 +24,19 @@ reset.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
-from flwr.app import ConfigRecord, RecordDict
+from flwr.app import ConfigRecord, Context, RecordDict
 
 from histofed.algorithms.base import Payload
 from histofed.engine import flower_records as rec
 from histofed.engine import rundir
 
 ROUND = "histofed.state-round"  # ConfigRecord in context.state: {"round": round of the state}
+NODE = "histofed.node-state"  # ConfigRecord: handshake (run key, expected rounds) and reply;
+#                               in context.state: this node's state folder, site, source
 DEFAULT_ROOT = ".histofed-node"
 
 
@@ -106,3 +109,46 @@ def restore(state: RecordDict, expected: int, folder: Path | None, site: str) ->
                              f"{expected}, but this node has no state folder")
     keep(state, load(folder, site, expected), expected)
     return "disk"
+
+
+# ---- the ClientApp's side ---------------------------------------------------------------------
+def handshake(info: ConfigRecord, context: Context, site: str) -> ConfigRecord:
+    """Find this run's state folder on this node and restore the state the server expects.
+
+    Folder root: node config ``state-dir``, else the run's ``node-state-dir`` (``info``), else
+    ``.histofed-node`` in the working directory. Problems are reported, not raised, so the
+    server's error can name the site, the node and both rounds.
+    """
+    root = str(context.node_config.get("state-dir", "") or info["state-dir"] or DEFAULT_ROOT)
+    folder = state_folder(root, str(info["run-name"]), str(info["run-key"]), site)
+    before = context.state[NODE] if NODE in context.state else None
+    if before is not None and before["folder"] != str(folder):
+        keep(context.state, Payload(kind="state"), 0)  # another run's state: not ours
+        before = None
+    expected = int(json.loads(str(info["state-rounds"])).get(site, 0))
+    try:
+        source, problem = restore(context.state, expected, folder, site), ""
+    except NodeStateError as err:
+        source, problem = "missing", str(err)
+    if source == "memory" and before is not None:  # asked twice: where the state came from
+        source = str(before["from"])
+    context.state[NODE] = ConfigRecord({"folder": str(folder), "site": site, "from": source})
+    return ConfigRecord({"state-round": memory_round(context.state), "state-from": source,
+                         "state-dir": str(folder), "problem": problem})
+
+
+def restore_for_job(state: RecordDict, expected: int, cid: int) -> None:
+    """Before a job: hold the state of round ``expected`` (see :func:`restore`)."""
+    node = state[NODE] if NODE in state else None
+    restore(state, expected, Path(str(node["folder"])) if node is not None else None,
+            str(node["site"]) if node is not None else f"client {cid}")
+
+
+def after_fit(state: RecordDict, payload: Payload, rnd: int, keep_checkpoints: int) -> None:
+    """After a fit job: hold its state in memory and, when not empty, write it to disk (the
+    newest ``keep_checkpoints + 2`` kept; 0 = all)."""
+    keep(state, payload, rnd)
+    if NODE in state and not payload.is_empty():
+        node = state[NODE]
+        persist(Path(str(node["folder"])), str(node["site"]), rnd, payload,
+                keep_checkpoints and keep_checkpoints + 2)
