@@ -303,17 +303,22 @@ class DyingGrid(LocalGrid):
     """A LocalGrid in which node ``node`` dies when it gets its fit job of round ``rnd``: no
     reply (a round-timeout) or, with ``unreachable``, the SuperLink's own NODE_UNAVAILABLE
     reply. It is gone for the rest of that round and comes back for the next one as a new node
-    id with an empty memory (a restarted SuperNode)."""
+    id with an empty memory (a restarted SuperNode). With ``late``, it runs the job but its
+    reply comes too late (lost) and it stays."""
 
-    def __init__(self, pids, *, rnd=2, node=101, unreachable=False, **node_config):
+    def __init__(self, pids, *, rnd=2, node=101, unreachable=False, late=False, **node_config):
         super().__init__(pids, **node_config)
-        self.rnd, self.node, self.unreachable = rnd, node, unreachable
+        self.rnd, self.node, self.unreachable, self.late = rnd, node, unreachable, late
         self.waiting: dict[int, Context] = {}  # restarted nodes not yet connected
 
     def send_and_receive(self, messages, *, timeout=None):
-        lost = [m for m in messages if m.metadata.dst_node_id == self.node
-                and rec.JOB in m.content and m.content[rec.JOB]["round"] == self.rnd]
+        lost = [m for m in messages if m.metadata.dst_node_id == self.node and rec.JOB in
+                m.content and (m.content[rec.JOB]["round"], m.content[rec.JOB]["kind"]) ==
+                (self.rnd, "fit")]
         replies = super().send_and_receive([m for m in messages if m not in lost], timeout=timeout)
+        if self.late:  # late, not dead: the node trains (and keeps that state), the reply is lost
+            super().send_and_receive(lost, timeout=timeout)
+            return replies
         for m in lost:  # the node dies: its context (memory) is lost
             m.metadata.__dict__["_message_id"] = m.object_id  # as a real Grid's push sets it
             if self.unreachable:
@@ -380,6 +385,20 @@ def test_node_killed_mid_round_drops_out_and_rejoins_next_round(method, unreacha
         np.testing.assert_allclose(value, (ups[0][key].astype(np.float64) + ups[2][key]) / 2,
                                    rtol=1e-6, atol=1e-7, err_msg=key)
     assert np.isfinite(np.concatenate([v.ravel() for v in _final(out).values()])).all()
+
+
+def test_a_late_reply_is_dropped_and_the_node_goes_back_to_the_state_the_server_knows(tmp_path):
+    """A node that trained round 2 but answered too late holds round 2's norm layers; the
+    server never used that fit, so the node restores round 1's from disk: the run ends exactly
+    as when the node died before training (above)."""
+    cfg = _cfg("fedbn", algorithm={"weight": "uniform"})
+    late, dead = tmp_path / "late", tmp_path / "dead"
+    _serve(cfg, late, grid=DyingGrid([0, 1, 2], late=True), min_clients=2, round_timeout=5.0)
+    _serve(cfg, dead, grid=DyingGrid([0, 1, 2]), min_clients=2, round_timeout=5.0)
+    assert [r["event"] for r in read_jsonl(late / F.NODES_LOG)] == ["joined"] * 3 + ["dropped"]
+    _assert_same_weights(_final(late), _final(dead))
+    last = lambda d: [r for r in _test_rows(d) if r["round"] == 3]  # noqa: E731
+    assert last(late) == last(dead) and len(last(late)) == 3  # personal: each node's norm layers
 
 
 @pytest.mark.parametrize("min_clients, one_shot, match", [
