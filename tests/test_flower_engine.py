@@ -401,6 +401,32 @@ def test_a_late_reply_is_dropped_and_the_node_goes_back_to_the_state_the_server_
     assert last(late) == last(dead) and len(last(late)) == 3  # personal: each node's norm layers
 
 
+def test_a_node_restarted_between_rounds_takes_over_while_its_old_id_is_still_listed(
+        inprocess, tmp_path, capsys):
+    """The SuperLink lists a killed node until its heartbeat lapses: the restarted node (same
+    partition-id and roster entry) takes its site over; no round misses it, so FedAvg ends
+    exactly as in-process."""
+
+    class RestartingGrid(LocalGrid):
+        def send_and_receive(self, messages, *, timeout=None):
+            replies = super().send_and_receive(messages, timeout=timeout)
+            if {(m.content[rec.JOB]["kind"], m.content[rec.JOB]["round"])
+                    for m in messages if rec.JOB in m.content} == {("evaluate", 1)}:
+                self.contexts[201] = Context(run_id=1, node_id=201, state=RecordDict(),
+                                             run_config={}, node_config={"partition-id": 1})
+            return replies
+
+    out = tmp_path / "restart"
+    grid = RestartingGrid([0, 1, 2])
+    _serve(_cfg("fedavg"), out, grid=grid)
+    assert "client 'synthetic-1' rejoined on node 201 (replacing node 101, still listed)" in \
+        capsys.readouterr().err
+    assert [(r["event"], r["node"]) for r in read_jsonl(out / F.NODES_LOG)][3:] == \
+        [("rejoined", 201)]
+    _assert_same_weights(_final(out), _final(inprocess("fedavg")))
+    assert _test_rows(out) == _test_rows(inprocess("fedavg"))
+
+
 @pytest.mark.parametrize("min_clients, one_shot, match", [
     (0, False, r"round 2 fit: client 'synthetic-1' \(node 101\): no reply within 5.0 s "
                r"\(round-timeout\); only 2 of 3 clients answered and min-clients = all"),

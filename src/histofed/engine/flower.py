@@ -169,6 +169,7 @@ class FlowerTransport:
         self.history: dict[str, dict[str, int]] = dict(history or {})
         self.with_state: set[str] = {name for name, r in self.state_round.items() if r}
         self.dropped: set[int] = set()  # cids whose last job got no reply
+        self.retired: set[int] = set()  # node ids another node (same partition-id) replaced
         self.roster: list[ClientInfo] = []
         self.names: list[str] = []
         self.node_of: dict[int, int] = self._handshake(node_wait, expected, after_round)
@@ -281,9 +282,10 @@ class FlowerTransport:
 
     def _rejoin(self, rnd: int) -> set[int]:
         """Handshake nodes the server has not seen (a restarted SuperNode has a new node id);
-        one that has a site's partition-id takes over that site. Returns the live node ids."""
+        one with a site's partition-id and the same roster entry takes over that site (its old
+        node id is no longer used, even while still listed). Returns the live node ids."""
         live = set(self.grid.get_node_ids())
-        new = sorted(live - set(self.node_of.values()))
+        new = sorted(live - set(self.node_of.values()) - self.retired)
         if not new:
             return live
         labels = {n: f"new node {n}" for n in new}
@@ -301,9 +303,6 @@ class FlowerTransport:
                 raise RunError(f"round {rnd}: new Flower node {node} has partition-id {pid}; this "
                                f"run's sites have 0..{len(self.roster) - 1}")
             old = self.node_of[pid]
-            if old in live and pid not in self.dropped:
-                raise RunError(f"Flower nodes {old} and {node} both have partition-id {pid}; "
-                               "give every SuperNode its own --node-config partition-id")
             if ClientInfo.from_scalars(dict(run)) != self.roster[pid]:
                 raise RunError(f"round {rnd}: site {self.names[pid]!r} came back on node {node} "
                                "with a different roster entry (data, model or task changed); "
@@ -311,7 +310,9 @@ class FlowerTransport:
             self._check_node_state(pid, node, reply, rnd - 1, "rejoined")
             self.node_of[pid] = node
             self.dropped.discard(pid)
-            _warn(f"round {rnd}: client {self.names[pid]!r} rejoined on node {node}")
+            self.retired.add(old)  # a SuperLink lists a killed node until its heartbeat lapses
+            _warn(f"round {rnd}: client {self.names[pid]!r} rejoined on node {node}"
+                  + (f" (replacing node {old}, still listed)" if old in live else ""))
         return live
 
     # -- jobs
