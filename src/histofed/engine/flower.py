@@ -161,7 +161,6 @@ class FlowerTransport:
         self.data_root = str(data_root) if data_root else ""
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.timeout = timeout or None
-        self.node_wait = node_wait
         self.min_clients = int(min_clients)
         self.run_key = run_key or uuid.uuid4().hex[:16]
         self.node_state_dir = node_state_dir
@@ -244,7 +243,7 @@ class FlowerTransport:
         here: dict[int, str] = {}
         names: list[str] = []
         try:  # ask the nodes that came which sites they are (best effort: only for the message)
-            for reply in self._ask(nodes, "handshake").values():
+            for reply in (self._ask(nodes, "handshake") if nodes else {}).values():
                 run = reply.content[RUN]
                 names = [str(n) for n in run["client-names"]]
                 pid = int(run["partition-id"])
