@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from conftest import REPO, tiny_config_dict
 from flwr.app import Context, Error, Message, RecordDict
-from flwr.common.constant import ErrorCode
+from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 
 from histofed.algorithms import ALGORITHMS
@@ -73,8 +73,10 @@ class LocalGrid:
 
 
 def _serve(cfg, run_dir, grid=None, **spec):
-    """Run the real server_app over a LocalGrid (3 nodes with partition-ids 0..2)."""
+    """Run the real server_app over a LocalGrid (3 nodes with partition-ids 0..2); the nodes
+    keep private state under ``<run_dir>/node-state`` (as in the simulation)."""
     grid = grid or LocalGrid([0, 1, 2])
+    spec.setdefault("node_state_dir", str(Path(run_dir) / "node-state"))
     run_spec = F.RunSpec(config_text=dump_toml(cfg.to_dict()), run_dir=run_dir, **spec)
     F.server_app(grid=grid, context=Context(run_id=1, node_id=0, node_config={},
                                             state=RecordDict(), run_config=run_spec.to_run_config()))
@@ -157,6 +159,32 @@ def test_result_roundtrip_and_metrics_must_be_numbers():
         rec.result_to_content(JobResult("evaluate", 0, metrics={"g/t": {"organ": "lung"}}), False)
 
 
+def test_node_state_restores_the_round_asked_for_and_never_resets_silently(tmp_path):
+    """A node that trained round 3 but whose reply was lost is asked for round 2: it loads round
+    2 from disk; only the newest keep_checkpoints + 2 states are kept."""
+    from histofed.engine import node_state as NS
+
+    folder = NS.state_folder(tmp_path, "my run", "k1", "site-a")
+    assert folder == tmp_path.resolve() / "my-run-k1" / "site-a"
+    memory = RecordDict()
+    states = {r: Payload({"bn.weight": np.full(3, r, np.float32)}, {"steps": r}, "state")
+              for r in range(1, 5)}
+    for r, state in states.items():
+        NS.keep(memory, state, r)
+        NS.persist(folder, "site-a", r, state, keep_last=3)
+    assert NS.rounds_on_disk(folder) == [2, 3, 4] and NS.memory_round(memory) == 4
+    assert NS.restore(memory, 4, folder, "site-a") == "memory"
+    assert NS.restore(memory, 2, folder, "site-a") == "disk"
+    back = rec.load_state(memory)
+    assert back.scalars == {"steps": 2} and NS.memory_round(memory) == 2
+    np.testing.assert_array_equal(back.arrays["bn.weight"], states[2].arrays["bn.weight"])
+    with pytest.raises(NS.NodeStateError, match=r"state of round 1, but .*site-a holds rounds "
+                                                r"\[2, 3, 4\]"):
+        NS.restore(memory, 1, folder, "site-a")
+    assert NS.restore(memory, 0, folder, "site-a") == "none"  # a fresh start: nothing held
+    assert rec.load_state(memory).is_empty()
+
+
 # ---- the engine without Ray ----------------------------------------------------------------
 def test_fedavg_with_crash_and_resume_equals_inprocess(inprocess, tmp_path):
     """Stop after round 2, resume on fresh nodes (a restarted federation): same as in-process."""
@@ -173,17 +201,18 @@ def test_fedavg_with_crash_and_resume_equals_inprocess(inprocess, tmp_path):
     assert not (out / F.MARKER).exists()  # FedAvg clients keep no private state
 
 
-def test_fedbn_state_never_travels_and_blocks_resume(inprocess, tmp_path):
+def test_fedbn_state_never_travels_and_resumes_from_the_nodes_disks(inprocess, tmp_path, capsys):
+    """FedBN stops after round 2; round 2's checkpoint is then damaged, so the server resumes
+    after round 1 on fresh nodes (empty memory: a restart), which restore their norm layers of
+    round 1 from disk although they also hold round 2's: same weights as in-process."""
     cfg = _cfg("fedbn")
     out = tmp_path / "fedbn"
-    grid = _serve(cfg, out)
-    _assert_same_weights(_final(out), _final(inprocess("fedbn")))
-    assert _test_rows(out) == _test_rows(inprocess("fedbn"))  # "personal" models use node state
+    grid = _serve(cfg, out, stop_after=2)
     norms = {k for k in norm_keys(build_model(cfg.model, num_classes=1))
              if not k.endswith("num_batches_tracked")}
     assert norms
     jobs = [(d, t, c) for d, t, c in grid.log if t != "query"]
-    assert len(jobs) == 3 * 3 * 2 * 2  # rounds x clients x (fit, evaluate) x (down, up)
+    assert len(jobs) == 2 * 3 * 2 * 2  # rounds x clients x (fit, evaluate) x (down, up)
     for direction, _, content in jobs:
         assert not any(k.startswith(rec.STATE) for k in content)
         arrays = rec.records_to_payload(content).arrays if rec.has_payload(content) else {}
@@ -191,10 +220,61 @@ def test_fedbn_state_never_travels_and_blocks_resume(inprocess, tmp_path):
         assert first_broadcast or not (norms & set(arrays)), "norm layers left a node"
     for ctx in grid.contexts.values():  # ... and they are kept on each node
         assert set(rec.load_state(ctx.state).arrays) == norms
-    assert json.loads((out / F.MARKER).read_text())["clients_with_private_state"] == \
-        ["synthetic-0", "synthetic-1", "synthetic-2"]
-    with pytest.raises(RunError, match="cannot resume on Flower: algorithm 'fedbn' keeps private"):
+    marker = json.loads((out / F.MARKER).read_text())
+    assert marker["clients_with_private_state"] == ["synthetic-0", "synthetic-1", "synthetic-2"]
+    assert marker["state_rounds"]["2"] == {f"synthetic-{i}": 2 for i in range(3)}
+    (out / "checkpoints" / "round-0002" / "server.npz").write_bytes(b"")  # damaged
+    capsys.readouterr()
+    _serve(cfg, out, resume=True)
+    err = capsys.readouterr().err
+    assert "round-0002/server.npz is truncated or damaged" in err and "after round 1" in err
+    ref = inprocess("fedbn")
+    _assert_same_weights(_final(out), _final(ref))
+    assert _test_rows(out) == _test_rows(ref)  # "personal" models: each node's own norm layers
+    joined = [r for r in read_jsonl(out / F.NODES_LOG) if r["event"] == "joined"]
+    assert [(r["round"], r["state_round"], r["state_from"]) for r in joined] == \
+        [(0, 0, "none")] * 3 + [(1, 1, "disk")] * 3
+
+
+def test_feddp_record_level_server_killed_and_resumed_equals_an_uninterrupted_run(tmp_path):
+    """The server stops after round 1 and is resumed on fresh nodes: same round counter, the
+    same per-client accountants (kept in each node's private state) and the same weights."""
+    cfg = _cfg("feddp", model={"norm": "group", "channels": [4, 8]}, run={"rounds": 2},
+               algorithm={"level": "record", "sigma": 1.0, "clip": 1.0})
+    ref = new_run_dir(tmp_path / "ip", "ip")
+    run_experiment(cfg, data_root=None, run_dir=ref)
+    out = tmp_path / "flower"
+    _serve(cfg, out, stop_after=1)
+    assert [r["round"] for r in read_jsonl(out / "privacy.jsonl")] == [1]
+    _serve(cfg, out, resume=True)
+    assert [r["round"] for r in read_jsonl(out / "timing.jsonl")] == [1, 2]
+    for log in ("privacy.jsonl", "privacy_clients.jsonl"):
+        assert read_jsonl(out / log) == read_jsonl(ref / log), log
+    eps = [r["epsilon"] for r in read_jsonl(out / "privacy.jsonl")]
+    assert eps[1] > eps[0] > 0
+    _assert_same_weights(_final(out), _final(ref))
+    assert _test_rows(out) == _test_rows(ref)
+
+
+def test_resume_refuses_a_node_without_the_expected_state(tmp_path):
+    cfg = _cfg("fedbn", run={"rounds": 2})
+    out = tmp_path / "fedbn"
+    _serve(cfg, out, stop_after=1)
+    folder = next((out / "node-state").glob("*/synthetic-1"))
+    (folder / "checkpoints" / "round-0001").rename(folder / "checkpoints" / "round-0007")
+    with pytest.raises(RunError, match=r"joined: client 'synthetic-1' \(node 101\): site "
+                                       r"'synthetic-1': the server expects this client's private "
+                                       r"state of round 1, but .*synthetic-1 holds rounds \[7\]"):
         _serve(cfg, out, resume=True)
+    (folder / "checkpoints" / "round-0007").rename(folder / "checkpoints" / "round-0001")
+    (folder / "checkpoints" / "round-0001" / "clients" / "synthetic-1.npz").write_bytes(b"x")
+    with pytest.raises(RunError, match="synthetic-1': the private state of round 1 is damaged: "
+                                       ".*synthetic-1.npz is truncated or damaged"):
+        _serve(cfg, out, resume=True)
+    with pytest.raises(RunError, match="client 'synthetic-0' .*state of round 1, but "
+                                       f"{tmp_path / 'empty'}/.* holds rounds none"):
+        _serve(cfg, out, resume=True,  # a node's own state-dir wins over the run's
+               grid=LocalGrid([0, 1, 2], **{"state-dir": str(tmp_path / "empty")}))
 
 
 def test_resume_of_inprocess_run_with_client_state_is_refused(tmp_path):
@@ -209,12 +289,157 @@ def test_resume_of_inprocess_run_with_client_state_is_refused(tmp_path):
 @pytest.mark.parametrize("pids, match", [
     ([0, 0, 1], "nodes 100 and 101 both have partition-id 0"),
     ([0, 1, 5], r"no Flower node has partition-id 2 \(synthetic-2\)"),
-    ([0, 1], "only 2 of 3 Flower nodes connected"),
+    ([0, 1], r"only 2 of 3 Flower nodes connected within 0 s \(node-wait\): connected: "
+             r"synthetic-0 \(partition-id 0\), synthetic-1 \(partition-id 1\); missing: "
+             r"synthetic-2 \(partition-id 2\)\..*node-wait=600"),
     ([0, None, 2], "node 101 failed: ValueError: .*partition-id=None.*--node-config"),
 ])
 def test_handshake_errors_name_the_node_and_the_fix(pids, match):
     with pytest.raises(RunError, match=match):
         F.FlowerTransport(LocalGrid(pids), config_text=dump_toml(_cfg().to_dict()), node_wait=0.0)
+
+
+class DyingGrid(LocalGrid):
+    """A LocalGrid in which node ``node`` dies when it gets its fit job of round ``rnd``: no
+    reply (a round-timeout) or, with ``unreachable``, the SuperLink's own NODE_UNAVAILABLE
+    reply. It is gone for the rest of that round and comes back for the next one as a new node
+    id with an empty memory (a restarted SuperNode). With ``late``, it runs the job but its
+    reply comes too late (lost) and it stays."""
+
+    def __init__(self, pids, *, rnd=2, node=101, unreachable=False, late=False, **node_config):
+        super().__init__(pids, **node_config)
+        self.rnd, self.node, self.unreachable, self.late = rnd, node, unreachable, late
+        self.waiting: dict[int, Context] = {}  # restarted nodes not yet connected
+
+    def send_and_receive(self, messages, *, timeout=None):
+        lost = [m for m in messages if m.metadata.dst_node_id == self.node and rec.JOB in
+                m.content and (m.content[rec.JOB]["round"], m.content[rec.JOB]["kind"]) ==
+                (self.rnd, "fit")]
+        replies = super().send_and_receive([m for m in messages if m not in lost], timeout=timeout)
+        if self.late:  # late, not dead: the node trains (and keeps that state), the reply is lost
+            super().send_and_receive(lost, timeout=timeout)
+            return replies
+        for m in lost:  # the node dies: its context (memory) is lost
+            m.metadata.__dict__["_message_id"] = m.object_id  # as a real Grid's push sets it
+            if self.unreachable:
+                error = Message(Error(ErrorCode.NODE_UNAVAILABLE, "Error: Node Unavailable"),
+                                reply_to=m)
+                error.metadata.__dict__["_src_node_id"] = SUPERLINK_NODE_ID  # SuperLink's
+                replies.append(error)
+            old = self.contexts.pop(self.node)
+            self.waiting[200 + self.node % 100] = Context(
+                run_id=1, node_id=200 + self.node % 100, state=RecordDict(), run_config={},
+                node_config=old.node_config)
+        kinds = {m.content[rec.JOB]["kind"] for m in messages if rec.JOB in m.content}
+        rounds = {m.content[rec.JOB]["round"] for m in messages if rec.JOB in m.content}
+        if self.waiting and kinds == {"evaluate"} and rounds == {self.rnd}:
+            self.contexts.update(self.waiting)  # back after the round it died in
+            self.waiting.clear()
+        return replies
+
+
+def _uploads_and_next_broadcast(grid, rnd):
+    """The fit uploads of round ``rnd`` (by node) and the round ``rnd + 1`` fit broadcast."""
+    ups, down, current = {}, None, None
+    for direction, kind, content in grid.log:
+        if direction == "down" and rec.JOB in content:
+            current = (content[rec.JOB]["kind"], content[rec.JOB]["round"])
+            if current == ("fit", rnd + 1) and down is None:
+                down = rec.records_to_payload(content).arrays
+        elif direction == "up" and current == ("fit", rnd):
+            ups[content[rec.RESULT]["cid"]] = rec.records_to_payload(content).arrays
+    return ups, down
+
+
+@pytest.mark.parametrize("method, unreachable", [("fedavg", False), ("fedbn", True)])
+def test_node_killed_mid_round_drops_out_and_rejoins_next_round(method, unreachable, tmp_path,
+                                                                capsys):
+    """Round 2 goes on without synthetic-1 (min-clients = 2), whose dropout is logged; its
+    restarted node rejoins for round 3 (FedBN: restoring its round-1 norm layers from disk)."""
+    cfg = _cfg(method, algorithm={"weight": "uniform"})
+    out = tmp_path / method
+    grid = DyingGrid([0, 1, 2], unreachable=unreachable)
+    _serve(cfg, out, grid=grid, min_clients=2, round_timeout=5.0)
+    reason = "unreachable: Error: Node Unavailable" if unreachable else \
+        "no reply within 5.0 s (round-timeout)"
+    err = capsys.readouterr().err
+    assert (f"warning: round 2 fit: client 'synthetic-1' (node 101): {reason}; continuing with 2 "
+            "of 3 clients (min-clients = 2; logged in nodes.jsonl)") in err
+    assert "client 'synthetic-1' rejoined on node 201" in err
+    events = [(r["event"], r["round"], r["client"], r["node"], r.get("job"))
+              for r in read_jsonl(out / F.NODES_LOG) if r["event"] != "joined"]
+    assert events == [("dropped", 2, "synthetic-1", 101, "round 2 fit"),
+                      ("dropped", 2, "synthetic-1", 101, "round 2 eval"),
+                      ("rejoined", 2, "synthetic-1", 201, None)]
+    rejoined = read_jsonl(out / F.NODES_LOG)[-1]
+    assert (rejoined["state_round"], rejoined["state_from"]) == \
+        ((1, "disk") if method == "fedbn" else (0, "none"))
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [r["round"] for r in rows if r.get("event") == "client_failed"] == [2]
+    trained = {(r["round"], r["client"]) for r in rows if r.get("split") == "train"}
+    assert ("synthetic-1", 2) not in {(c, n) for n, c in trained}
+    assert {(3, f"synthetic-{i}") for i in range(3)} <= trained  # back in round 3
+    ups, glob = _uploads_and_next_broadcast(grid, 2)
+    assert sorted(ups) == [0, 2] and glob is not None  # the global model of round 2 ...
+    for key, value in glob.items():  # ... is the mean of the two uploads that came back
+        np.testing.assert_allclose(value, (ups[0][key].astype(np.float64) + ups[2][key]) / 2,
+                                   rtol=1e-6, atol=1e-7, err_msg=key)
+    assert np.isfinite(np.concatenate([v.ravel() for v in _final(out).values()])).all()
+
+
+def test_a_late_reply_is_dropped_and_the_node_goes_back_to_the_state_the_server_knows(tmp_path):
+    """A node that trained round 2 but answered too late holds round 2's norm layers; the
+    server never used that fit, so the node restores round 1's from disk: the run ends exactly
+    as when the node died before training (above)."""
+    cfg = _cfg("fedbn", algorithm={"weight": "uniform"})
+    late, dead = tmp_path / "late", tmp_path / "dead"
+    _serve(cfg, late, grid=DyingGrid([0, 1, 2], late=True), min_clients=2, round_timeout=5.0)
+    _serve(cfg, dead, grid=DyingGrid([0, 1, 2]), min_clients=2, round_timeout=5.0)
+    assert [r["event"] for r in read_jsonl(late / F.NODES_LOG)] == ["joined"] * 3 + ["dropped"]
+    _assert_same_weights(_final(late), _final(dead))
+    last = lambda d: [r for r in _test_rows(d) if r["round"] == 3]  # noqa: E731
+    assert last(late) == last(dead) and len(last(late)) == 3  # personal: each node's norm layers
+
+
+def test_a_node_restarted_between_rounds_takes_over_while_its_old_id_is_still_listed(
+        inprocess, tmp_path, capsys):
+    """The SuperLink lists a killed node until its heartbeat lapses: the restarted node (same
+    partition-id and roster entry) takes its site over; no round misses it, so FedAvg ends
+    exactly as in-process."""
+
+    class RestartingGrid(LocalGrid):
+        def send_and_receive(self, messages, *, timeout=None):
+            replies = super().send_and_receive(messages, timeout=timeout)
+            if {(m.content[rec.JOB]["kind"], m.content[rec.JOB]["round"])
+                    for m in messages if rec.JOB in m.content} == {("evaluate", 1)}:
+                self.contexts[201] = Context(run_id=1, node_id=201, state=RecordDict(),
+                                             run_config={}, node_config={"partition-id": 1})
+            return replies
+
+    out = tmp_path / "restart"
+    grid = RestartingGrid([0, 1, 2])
+    _serve(_cfg("fedavg"), out, grid=grid)
+    assert "client 'synthetic-1' rejoined on node 201 (replacing node 101, still listed)" in \
+        capsys.readouterr().err
+    assert [(r["event"], r["node"]) for r in read_jsonl(out / F.NODES_LOG)][3:] == \
+        [("rejoined", 201)]
+    _assert_same_weights(_final(out), _final(inprocess("fedavg")))
+    assert _test_rows(out) == _test_rows(inprocess("fedavg"))
+
+
+@pytest.mark.parametrize("min_clients, one_shot, match", [
+    (0, False, r"round 2 fit: client 'synthetic-1' \(node 101\): no reply within 5.0 s "
+               r"\(round-timeout\); only 2 of 3 clients answered and min-clients = all"),
+    (2, True, r"round 1 fit: .*only 2 of 3 clients answered and this method communicates once"),
+])
+def test_too_few_replies_stop_the_round_with_a_clear_error(min_clients, one_shot, match,
+                                                           monkeypatch, tmp_path):
+    monkeypatch.setattr(ALGORITHMS.get("fedavg"), "one_shot", one_shot)
+    out = tmp_path / "strict"
+    with pytest.raises(RunError, match=match):
+        _serve(_cfg("fedavg", run={"rounds": 2}), out, grid=DyingGrid([0, 1, 2], rnd=2 - one_shot),
+               min_clients=min_clients, round_timeout=5.0)
+    assert [r["event"] for r in read_jsonl(out / F.NODES_LOG)][-1] == "dropped"
 
 
 class _BoomAlgorithm(ALGORITHMS.get("fedavg")):
@@ -280,11 +505,15 @@ def test_simulation_fedavg_equals_inprocess(inprocess, tmp_path):
     _assert_same_weights(_final(out), _final(ref))
     assert _test_rows(out) == _test_rows(ref) and len(_test_rows(out)) == 3 * 3
     assert read_jsonl(out / "egress.jsonl") == read_jsonl(ref / "egress.jsonl")
-    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in ref.iterdir())
+    assert sorted(p.name for p in out.iterdir() if p.name != F.NODES_LOG) == \
+        sorted(p.name for p in ref.iterdir())  # nodes.jsonl: joins and dropouts of Flower nodes
 
 
 @pytest.mark.flower
-def test_simulation_fedbn_keeps_norm_layers_on_the_nodes(inprocess, tmp_path, monkeypatch):
+def test_simulation_fedbn_keeps_norm_layers_on_the_nodes_and_resumes(inprocess, tmp_path,
+                                                                     monkeypatch):
+    """Stopped after round 1 and resumed in a second simulation (new node processes: their
+    memory is gone, their state folders under the run directory are not): same as in-process."""
     sent: list[tuple[int, RecordDict]] = []  # (round, content) of every message both ways
     exchange = F.FlowerTransport._exchange
 
@@ -297,13 +526,17 @@ def test_simulation_fedbn_keeps_norm_layers_on_the_nodes(inprocess, tmp_path, mo
 
     monkeypatch.setattr(F.FlowerTransport, "_exchange", spy)
     out = tmp_path / "sim-bn"
-    F.run_flower_simulation(_cfg("fedbn"), data_root=None, run_dir=out, num_cpus=1)
+    F.run_flower_simulation(_cfg("fedbn"), data_root=None, run_dir=out, num_cpus=1, stop_after=1)
+    F.run_flower_simulation(_cfg("fedbn"), data_root=None, run_dir=out, num_cpus=1, resume=True)
+    joined = [r for r in read_jsonl(out / F.NODES_LOG) if r["event"] == "joined"]
+    assert [(r["round"], r["state_round"], r["state_from"]) for r in joined] == \
+        [(0, 0, "none")] * 3 + [(1, 1, "disk")] * 3
     ref = inprocess("fedbn")
     _assert_same_weights(_final(out), _final(ref))
     assert _test_rows(out) == _test_rows(ref)  # personal models: each node's own norm layers
     model = build_model(_cfg("fedbn").model, num_classes=1)
     norms = {k for k in norm_keys(model) if not k.endswith("num_batches_tracked")}
-    assert len(sent) == 2 * 3 + 3 * 3 * 2 * 2  # handshake + rounds x clients x jobs x ways
+    assert len(sent) == 2 * 2 * 3 + 3 * 3 * 2 * 2  # 2 handshakes + rounds x clients x jobs x ways
     for rnd, content in sent:
         assert not any(k.startswith(rec.STATE) for k in content)
         if rec.has_payload(content) and rnd != 1:  # round 1 broadcasts the initial model
@@ -332,13 +565,14 @@ def test_server_without_data_equals_inprocess(tiny_config, tmp_path):
         _serve(cfg, tmp_path / "nodata", data_root="")  # nodes without data: named, not hidden
 
 
-def test_fedsoda_personalised_writes_the_same_final_files_on_both_engines(tmp_path):
+def test_fedsoda_personalised_resumed_writes_the_same_final_files_on_both_engines(tmp_path):
     soda = {"personalised": True, "synthetic_size": 32, "synthetic_batch": 2}
     cfg = _cfg("fedsoda", model={"norm": "group"}, algorithm=soda, run={"rounds": 2})
     ref = new_run_dir(tmp_path / "ip", "ip")
     run_experiment(cfg, data_root=None, run_dir=ref)
     out = tmp_path / "flower"
-    _serve(cfg, out)
+    _serve(cfg, out, stop_after=1)  # the server stops; the resumed run gets fresh nodes
+    _serve(cfg, out, resume=True)
     files = lambda d: sorted(str(p.relative_to(d)) for p in (d / "final").rglob("*.npz"))  # noqa: E731
     assert files(out) == files(ref) and "final/personal/synthetic-2.npz" in files(ref)
     for rel in files(ref):

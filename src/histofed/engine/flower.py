@@ -18,9 +18,15 @@ Wire protocol (records: see flower_records.py):
    training log and an error string, if any.
 
 A client's private state (``ClientContext.state``: FedBN's norm layers, personal models, ...)
-is kept in the node's ``context.state`` and never travels. Only state left by fit jobs is kept,
-as in the in-process engine. Randomness comes from (seed, round, client) only, so a run gives
-the same numbers as the in-process engine.
+is kept in the node's ``context.state`` and, after each fit job, on the node's disk
+(node_state.py); it never travels. Only state left by fit jobs is kept, as in the in-process
+engine. Each job names the round of the state its client should hold, so a restarted node or a
+resumed run restores exactly that state (or stops with an error naming it). Randomness comes
+from (seed, round, client) only, so a run gives the same numbers as the in-process engine.
+
+Faults: nodes that drop out of a round are logged in ``nodes.jsonl`` and the round goes on
+with the others if at least ``min-clients`` answered; a restarted node rejoins at the next
+batch of jobs (see :class:`FlowerTransport`).
 """
 
 from __future__ import annotations
@@ -28,8 +34,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import time
 import tomllib
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +47,7 @@ from histofed.engine import flower_records as rec  # isort: skip
 
 import torch  # noqa: E402
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict  # noqa: E402
+from flwr.common.constant import ErrorCode  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
 
@@ -46,12 +55,17 @@ from histofed.algorithms import ALGORITHMS  # noqa: E402
 from histofed.algorithms.base import ClientInfo, Payload  # noqa: E402
 from histofed.config import Config, ConfigError, config_from_dict, dump_toml  # noqa: E402
 from histofed.data.federation import Federation, build_federation  # noqa: E402
-from histofed.engine import rundir  # noqa: E402
+from histofed.engine import node_state, rundir  # noqa: E402
 from histofed.engine.loop import Experiment, RunError, config_with  # noqa: E402
 from histofed.engine.runtime import POOLED, ClientJob, ClientRuntime, JobResult  # noqa: E402
 
 RUN = "histofed.run"  # ConfigRecord of the handshake (and of a node's run info in context.state)
-MARKER = "flower.json"  # run_dir file: which clients kept private state on their nodes
+NODE = node_state.NODE  # ConfigRecord: where a node keeps private state, which round it holds
+MARKER = "flower.json"  # run_dir file: run key, clients with private state, their state rounds
+NODES_LOG = "nodes.jsonl"  # run_dir log: nodes that joined, dropped out of a round, rejoined
+# Replies the SuperLink writes itself when a node is gone: a dropout, not a client failure
+_UNREACHABLE = {ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE,
+                ErrorCode.NODE_UNAVAILABLE}
 _MESSAGE_TYPE = {"fit": MessageType.TRAIN, "evaluate": MessageType.EVALUATE,
                  "score": MessageType.EVALUATE}
 
@@ -97,36 +111,67 @@ class FlowerTransport:
     ``partition-id``, the number of clients and their names as its copy of the config defines
     them, and its own roster entry (read off its own data). The server never reads data.
 
+    Faults: a node that does not answer a batch of jobs within ``timeout`` (or that the
+    SuperLink reports unreachable) has dropped out of that batch: a row in ``nodes.jsonl``, a
+    warning, and an error result the round loop skips, as long as at least ``min_clients``
+    clients answered (else a RunError). Before each batch, nodes the server has not seen are
+    asked the handshake, so a restarted SuperNode (a new node id) rejoins with its
+    partition-id. Every job names the round of the private state its client should hold; a
+    node restores exactly that state from its disk (node_state.py) or fails, naming it.
+
     Args:
         grid: the ServerApp's Grid.
         config_text: the run's config as TOML text (sent to every node in the handshake).
         data_root: data root the nodes use unless their node config sets ``data-root`` (then
             ``$HISTOFED_DATA`` on the node); "" = the server knows of no data at all.
-        run_dir: where to note (in ``flower.json``) which clients keep private state, so a
-            later resume can refuse to lose it; None to skip.
+        run_dir: where ``flower.json`` (run key, state rounds) and ``nodes.jsonl`` go; None to
+            skip.
         node_wait: seconds to wait for enough nodes to connect.
         timeout: seconds to wait for the replies of one batch of jobs (None: no limit).
         expected: number of clients (None: as the first node to answer reports it).
+        min_clients: the fewest clients a batch of jobs may continue with when others drop
+            out (0 = all; one-shot methods always need all).
+        run_key: the run's key for the nodes' state folders ("" = draw a new one).
+        state_rounds: site -> round of the private state its node must hold (a resume).
+        history: server round -> state rounds, as saved in ``flower.json`` (a resume).
+        node_state_dir: default state root for nodes without a ``state-dir`` node config.
+        after_round: the last round done before this transport starts (a resume's round).
 
     Raises:
-        RunError: too few nodes, a node without a usable partition-id, two nodes with the same
-            one, or a node that fails the handshake (e.g. it cannot read its data).
+        RunError: too few nodes (names the sites missing and ``node-wait``), a node without a
+            usable partition-id, two nodes with the same one, a node that fails the handshake
+            (e.g. it cannot read its data) or lacks the private state the server resumes from.
     """
 
     keeps_state = False  # private client state stays on the nodes
 
     def __init__(self, grid: Grid, *, config_text: str, data_root: str | Path | None = None,
                  run_dir: Path | None = None, node_wait: float = 300.0,
-                 timeout: float | None = None, expected: int | None = None) -> None:
+                 timeout: float | None = None, expected: int | None = None,
+                 min_clients: int = 0, run_key: str = "",
+                 state_rounds: dict[str, int] | None = None,
+                 history: dict[str, dict[str, int]] | None = None, node_state_dir: str = "",
+                 after_round: int = 0) -> None:
         self.grid = grid
         self.config_text = config_text
         self.sha = rec.config_sha(config_text)
+        config = parse_config(config_text)
+        self.run_name = config.run.name
+        self.one_shot = ALGORITHMS.get(config.algorithm.name).one_shot
         self.data_root = str(data_root) if data_root else ""
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.timeout = timeout or None
-        self.with_state: set[str] = set()
+        self.min_clients = int(min_clients)
+        self.run_key = run_key or uuid.uuid4().hex[:16]
+        self.node_state_dir = node_state_dir
+        self.state_round: dict[str, int] = dict(state_rounds or {})  # site -> its state's round
+        self.history: dict[str, dict[str, int]] = dict(history or {})
+        self.with_state: set[str] = {name for name, r in self.state_round.items() if r}
+        self.dropped: set[int] = set()  # cids whose last job got no reply
+        self.retired: set[int] = set()  # node ids another node (same partition-id) replaced
         self.roster: list[ClientInfo] = []
-        self.node_of: dict[int, int] = self._handshake(node_wait, expected)  # cid -> node id
+        self.names: list[str] = []
+        self.node_of: dict[int, int] = self._handshake(node_wait, expected, after_round)
         self.names = [c.name for c in self.roster]
 
     # -- handshake
@@ -141,26 +186,34 @@ class FlowerTransport:
         content = RecordDict()
         content[RUN] = ConfigRecord({"config": self.config_text, "config-sha": self.sha,
                                      "data-root": self.data_root})
+        content[NODE] = ConfigRecord({"run-key": self.run_key, "run-name": self.run_name,
+                                      "state-dir": self.node_state_dir,
+                                      "state-rounds": json.dumps(self.state_round)})
         return Message(content, dst_node_id=node, message_type=MessageType.QUERY)
 
-    def _handshake(self, node_wait: float, expected: int | None) -> dict[int, int]:
+    def _ask(self, nodes: list[int], desc: str) -> dict[int, Message]:
+        """The handshake with ``nodes``; every one must answer."""
+        labels = {n: f"node {n}" for n in nodes}
+        messages = [self._query(n) for n in nodes]
+        replies = self._exchange(messages, labels, desc)
+        self._check_replies(messages, replies, labels, desc)
+        return replies
+
+    def _handshake(self, node_wait: float, expected: int | None,
+                   after_round: int) -> dict[int, int]:
         deadline = time.monotonic() + node_wait
         if expected is None:  # ask the first node how many sites the config defines
             first = self._nodes(1, deadline)[:1]
             if not first:
-                raise RunError(f"no Flower node connected within {node_wait:.0f} s; start one "
-                               "SuperNode per client with --node-config \"partition-id=K\"")
-            reply = self._exchange([self._query(first[0])], {first[0]: f"node {first[0]}"},
-                                   "handshake")[first[0]]
+                raise RunError(f"no Flower node connected within {node_wait:.0f} s (node-wait); "
+                               "start one SuperNode per client with --node-config "
+                               "\"partition-id=K\"")
+            reply = self._ask(first, "handshake")[first[0]]
             expected = int(reply.content[RUN]["num-clients"])
         nodes = self._nodes(expected, deadline)
         if len(nodes) < expected:
-            raise RunError(
-                f"only {len(nodes)} of {expected} Flower nodes connected within "
-                f"{node_wait:.0f} s; start one SuperNode per client with --node-config "
-                f"\"partition-id=K\" (K = 0..{expected - 1})")
-        replies = self._exchange([self._query(n) for n in nodes],
-                                 {n: f"node {n}" for n in nodes}, "handshake")
+            raise RunError(self._too_few(nodes, expected, node_wait))
+        replies = self._ask(nodes, "handshake")
         node_of: dict[int, int] = {}
         roster: dict[int, ClientInfo] = {}
         names: list[str] = []
@@ -180,36 +233,182 @@ class FlowerTransport:
             raise RunError(f"no Flower node has partition-id {', '.join(missing)}; node "
                            f"partition-ids: {sorted(node_of)}")
         self.roster = [roster[cid] for cid in range(expected)]
+        self.names = [c.name for c in self.roster]
+        for cid in range(expected):
+            self._check_node_state(cid, node_of[cid], replies[node_of[cid]], after_round, "joined")
         return {cid: node_of[cid] for cid in range(expected)}
+
+    def _too_few(self, nodes: list[int], expected: int, node_wait: float) -> str:
+        """The error for fewer nodes than sites, naming the sites that are there and missing."""
+        here: dict[int, str] = {}
+        names: list[str] = []
+        try:  # ask the nodes that came which sites they are (best effort: only for the message)
+            for reply in (self._ask(nodes, "handshake") if nodes else {}).values():
+                run = reply.content[RUN]
+                names = [str(n) for n in run["client-names"]]
+                pid = int(run["partition-id"])
+                here[pid] = names[pid] if 0 <= pid < len(names) else "?"
+        except RunError:
+            pass
+        site = lambda cid: f"{names[cid]} (partition-id {cid})" if cid < len(names) \
+            else f"partition-id {cid}"  # noqa: E731
+        connected = ", ".join(site(c) for c in sorted(here)) or "none identified"
+        absent = ", ".join(site(c) for c in range(expected) if c not in here)
+        return (f"only {len(nodes)} of {expected} Flower nodes connected within {node_wait:.0f} s "
+                f"(node-wait): connected: {connected}; missing: {absent}. Start one SuperNode per "
+                f"missing site with --node-config \"partition-id=K\" (K = 0..{expected - 1}), or "
+                "wait longer: flwr run ... --run-config \"node-wait=600\"")
+
+    def _check_node_state(self, cid: int, node: int, reply: Message, after_round: int,
+                          event: str) -> None:
+        """The node holds the private state the server expects (never a silent reset); log it
+        (``round``: the last round completed before it joined)."""
+        name = self.names[cid]
+        want = self.state_round.get(name, 0)
+        info = reply.content[NODE] if NODE in reply.content else None
+        got = int(info["state-round"]) if info is not None else 0
+        if info is not None and str(info["problem"]):
+            raise RunError(f"{event}: client {name!r} (node {node}): {info['problem']}")
+        if got != want:
+            raise RunError(
+                f"{event}: client {name!r} (node {node}) holds private state of round {got}, but "
+                f"the server resumes with its state of round {want}"
+                + (f" (state folder {info['state-dir']})" if info is not None else "")
+                + "; start its SuperNode with that run's state-dir, or start a new run")
+        self._log_nodes([{"round": after_round, "client": name, "node": node, "event": event,
+                          "state_round": got,
+                          "state_from": str(info["state-from"]) if info is not None else "none"}])
+
+    def _rejoin(self, rnd: int) -> set[int]:
+        """Handshake nodes the server has not seen (a restarted SuperNode has a new node id);
+        one with a site's partition-id and the same roster entry takes over that site (its old
+        node id is no longer used, even while still listed). Returns the live node ids."""
+        live = set(self.grid.get_node_ids())
+        new = sorted(live - set(self.node_of.values()) - self.retired)
+        if not new:
+            return live
+        labels = {n: f"new node {n}" for n in new}
+        replies = self._exchange([self._query(n) for n in new], labels, f"round {rnd} rejoin")
+        for node in new:
+            reply = replies.get(node)
+            if reply is None or (reply.has_error() and reply.error.code in _UNREACHABLE):
+                continue  # asked again before the next batch
+            if reply.has_error():
+                raise RunError(f"round {rnd}: new Flower node {node} failed the handshake: "
+                               f"{_summary(reply.error.reason)}")
+            run = reply.content[RUN]
+            pid = int(run["partition-id"])
+            if not 0 <= pid < len(self.roster):
+                raise RunError(f"round {rnd}: new Flower node {node} has partition-id {pid}; this "
+                               f"run's sites have 0..{len(self.roster) - 1}")
+            old = self.node_of[pid]
+            if ClientInfo.from_scalars(dict(run)) != self.roster[pid]:
+                raise RunError(f"round {rnd}: site {self.names[pid]!r} came back on node {node} "
+                               "with a different roster entry (data, model or task changed); "
+                               "a run keeps its sites: start a new run")
+            self._check_node_state(pid, node, reply, rnd - 1, "rejoined")
+            self.node_of[pid] = node
+            self.dropped.discard(pid)
+            self.retired.add(old)  # a SuperLink lists a killed node until its heartbeat lapses
+            _warn(f"round {rnd}: client {self.names[pid]!r} rejoined on node {node}"
+                  + (f" (replacing node {old}, still listed)" if old in live else ""))
+        return live
 
     # -- jobs
     def run(self, jobs: list[ClientJob], desc: str = "clients") -> list[JobResult]:
-        """Send one message per job, wait for every reply; results in job order."""
-        messages, labels = [], {}
+        """Send one message per job and collect the replies; results in job order.
+
+        A client whose node is gone or does not answer in time gets an error result
+        (``JobResult.error``: dropped out), logged in ``nodes.jsonl``.
+
+        Raises:
+            RunError: a client failed (its ClientApp raised), or fewer than ``min_clients``
+                (all, for one-shot methods) answered.
+        """
+        rnd = jobs[0].round if jobs else 0
+        live = self._rejoin(rnd)
+        messages, labels, absent = [], {}, {}  # absent: cid -> why it has no result
         for job in jobs:
             if job.cid == POOLED or job.cid not in self.node_of:
                 raise RunError(f"{desc}: no Flower node runs client {job.cid}")
             node = self.node_of[job.cid]
+            if node not in live:
+                absent[job.cid] = f"its node {node} is not connected"
+                continue
             labels[node] = f"client {self.names[job.cid]!r} (node {node})"
-            messages.append(Message(rec.job_to_content(job, self.sha), dst_node_id=node,
+            content = rec.job_to_content(job, self.sha)
+            content[rec.JOB]["state-round"] = self.state_round.get(self.names[job.cid], 0)
+            messages.append(Message(content, dst_node_id=node,
                                     message_type=_MESSAGE_TYPE[job.kind], group_id=str(job.round)))
-        replies = self._exchange(messages, labels, desc)
+        replies = self._exchange(messages, labels, desc) if messages else {}
+        cid_of = {node: cid for cid, node in self.node_of.items()}
+        for message in messages:
+            node = message.metadata.dst_node_id
+            reply = replies.get(node)
+            if reply is None:
+                absent[cid_of[node]] = f"no reply within {self.timeout} s (round-timeout)"
+            elif reply.has_error() and reply.error.code in _UNREACHABLE:
+                absent[cid_of[node]] = f"unreachable: {_summary(reply.error.reason)}"
+                del replies[node]
+        self._check_replies([m for m in messages if m.metadata.dst_node_id in replies],
+                            replies, labels, desc)
         results = []
         for job in jobs:
+            name = self.names[job.cid]
+            if job.cid in absent:
+                results.append(JobResult(job.kind, job.cid, error=(
+                    f"client {name!r} dropped out of {desc}: {absent[job.cid]}")))
+                continue
             result, has_state = rec.content_to_result(replies[self.node_of[job.cid]].content)
             if (result.cid, result.kind) != (job.cid, job.kind):
                 raise RunError(f"{desc}: node {self.node_of[job.cid]} answered for client "
                                f"{result.cid} ({result.kind}) instead of {job.cid} ({job.kind})")
-            if has_state:
-                self._note_state(self.names[job.cid])
+            self.dropped.discard(job.cid)
+            if has_state and job.kind == "fit":  # the node now holds the state of this round
+                self.with_state.add(name)
+                self.state_round[name] = job.round
             results.append(result)
+        self._dropouts(rnd, desc, jobs, absent)
+        if self.with_state and any(job.kind == "fit" for job in jobs):
+            self.history[str(rnd)] = dict(self.state_round)
+            self._write_marker()
         return results
+
+    def _dropouts(self, rnd: int, desc: str, jobs: list[ClientJob], absent: dict[int, str]) -> None:
+        """Log the clients that dropped out; RunError when too few answered."""
+        if not absent:
+            return
+        self.dropped |= set(absent)
+        self._log_nodes([{"round": rnd, "client": self.names[cid], "node": self.node_of[cid],
+                          "event": "dropped", "job": desc, "reason": reason}
+                         for cid, reason in sorted(absent.items())])
+        answered, total = len(jobs) - len(absent), len(jobs)
+        need = total if self.min_clients <= 0 or self.one_shot else min(self.min_clients, total)
+        who = "; ".join(f"client {self.names[c]!r} (node {self.node_of[c]}): {why}"
+                        for c, why in sorted(absent.items()))
+        if answered < need:
+            rule = ("this method communicates once, so every client must answer" if self.one_shot
+                    else f"min-clients = {self.min_clients or 'all'} (run config: the fewest "
+                    "clients a round may continue with)")
+            raise RunError(f"{desc}: {who}; only {answered} of {total} clients answered and "
+                           f"{rule}. The last checkpoint is intact: resume once the nodes are "
+                           "back (logged in nodes.jsonl)")
+        _warn(f"{desc}: {who}; continuing with {answered} of {total} clients (min-clients = "
+              f"{self.min_clients}; logged in nodes.jsonl)")
 
     def _exchange(self, messages: list[Message], labels: dict[int, str],
                   desc: str) -> dict[int, Message]:
-        """send_and_receive; replies by node id. Flower errors and missing replies -> RunError."""
-        replies = {m.metadata.src_node_id: m
-                   for m in self.grid.send_and_receive(messages, timeout=self.timeout)}
+        """send_and_receive; replies by the node each message went to (a reply the SuperLink
+        writes for an unreachable node comes from the SuperLink itself). No reply: absent."""
+        received = list(self.grid.send_and_receive(messages, timeout=self.timeout))
+        sent = {m.metadata.message_id: m.metadata.dst_node_id for m in messages
+                if m.metadata.message_id}  # set by the Grid when it pushed them
+        return {sent.get(r.metadata.reply_to_message_id) or r.metadata.src_node_id: r
+                for r in received}
+
+    def _check_replies(self, messages: list[Message], replies: dict[int, Message],
+                       labels: dict[int, str], desc: str) -> None:
+        """Missing replies and Flower errors -> RunError naming the node."""
         missing = [labels[m.metadata.dst_node_id] for m in messages
                    if m.metadata.dst_node_id not in replies]
         if missing:
@@ -222,18 +421,56 @@ class FlowerTransport:
                 raise RunError(f"{desc}: {labels.get(node, f'node {node}')} failed: "
                                f"{_summary(reason)}\n\nFlower error (code {reply.error.code}):\n"
                                f"{reason}")
-        return replies
 
-    def _note_state(self, name: str) -> None:
-        if name in self.with_state:
-            return
-        self.with_state.add(name)
+    # -- the run directory
+    def _log_nodes(self, rows: list[dict]) -> None:
         if self.run_dir is not None:
-            rundir.atomic_write_text(self.run_dir / MARKER, json.dumps(
-                {"clients_with_private_state": sorted(self.with_state)}, indent=2))
+            rundir.append_jsonl(self.run_dir / NODES_LOG, rows)
+
+    def _write_marker(self) -> None:
+        """flower.json: the run key of the nodes' state folders and, per server round, the round
+        of each client's private state (what a resume from that round expects)."""
+        if self.run_dir is None:
+            return
+        ckpts = rundir.list_checkpoints(self.run_dir)
+        oldest = int(ckpts[0].name.split("-")[1]) if ckpts else 0
+        self.history = {r: v for r, v in self.history.items() if int(r) >= oldest}
+        rundir.atomic_write_text(self.run_dir / MARKER, json.dumps(
+            {"run_key": self.run_key, "clients_with_private_state": sorted(self.with_state),
+             "state_rounds": self.history}, indent=2))
 
     def close(self) -> None:
         """Nothing to release: the Grid belongs to the ServerApp."""
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def read_marker(run_dir: Path) -> dict[str, Any]:
+    """``flower.json`` ({} when absent).
+
+    Raises:
+        RunError: it is not valid JSON (names the file).
+    """
+    marker = run_dir / MARKER
+    if not marker.exists():
+        return {}
+    try:
+        return json.loads(marker.read_text())
+    except json.JSONDecodeError as err:
+        raise RunError(f"{marker} is damaged ({err}); it holds the key of the nodes' state "
+                       "folders and the rounds of their states, without which a resume would "
+                       "lose the clients' private state. Restore it from a copy") from None
+
+
+def resume_state(run_dir: Path, done: int) -> tuple[str, dict[str, int], dict[str, dict[str, int]]]:
+    """(run key, each client's state round at round ``done``, history) from ``flower.json``."""
+    info = read_marker(run_dir)
+    history = {str(r): {k: int(v) for k, v in rounds.items()}
+               for r, rounds in info.get("state_rounds", {}).items()}
+    before = [int(r) for r in history if int(r) <= done]
+    return str(info.get("run_key", "")), (history[str(max(before))] if before else {}), history
 
 
 def _summary(reason: str) -> str:
@@ -255,7 +492,10 @@ class RunSpec:
     ``resume`` (bool), ``node-wait`` (seconds to wait for the SuperNodes), ``round-timeout``
     (seconds to wait for one batch of replies, 0 = no limit), ``stop-after`` (end after this
     round, 0 = run all; used to test resume), ``num-clients`` (sites to wait for; 0 = as many
-    as the first node to answer the handshake says the config defines).
+    as the first node to answer the handshake says the config defines), ``min-clients`` (the
+    fewest clients a round may continue with when nodes drop out; 0 = all must answer),
+    ``node-state-dir`` (where nodes without a ``state-dir`` node config keep private client
+    state; "" = ``.histofed-node`` in each node's working directory).
     """
 
     config_text: str
@@ -266,6 +506,8 @@ class RunSpec:
     round_timeout: float = 0.0
     stop_after: int = 0
     num_clients: int = 0
+    min_clients: int = 0
+    node_state_dir: str = ""
 
     @classmethod
     def from_run_config(cls, run_config: dict[str, Any]) -> RunSpec:
@@ -305,40 +547,49 @@ class RunSpec:
                    node_wait=float(run_config.get("node-wait", 300.0)),
                    round_timeout=float(run_config.get("round-timeout", 0.0)),
                    stop_after=int(run_config.get("stop-after", 0)),
-                   num_clients=int(run_config.get("num-clients", 0)))
+                   num_clients=int(run_config.get("num-clients", 0)),
+                   min_clients=int(run_config.get("min-clients", 0)),
+                   node_state_dir=str(run_config.get("node-state-dir", "")))
 
     def to_run_config(self) -> dict[str, Any]:
         return {"histofed-config": self.config_text, "histofed-config-file": "",
                 "run-dir": str(self.run_dir or ""), "data-root": self.data_root,
                 "resume": self.resume, "node-wait": self.node_wait,
                 "round-timeout": self.round_timeout, "stop-after": self.stop_after,
-                "num-clients": self.num_clients}
+                "num-clients": self.num_clients, "min-clients": self.min_clients,
+                "node-state-dir": self.node_state_dir}
 
 
 def prepare_run_dir(run_dir: Path | None, config: Config, *, resume: bool) -> Path:
     """A new run gets a fresh directory; a resume must not lose private client state.
 
+    Private state kept on Flower nodes is restored from the nodes' disks (node_state.py);
+    client states inside the checkpoints (written by the in-process engine) cannot be.
+
     Raises:
         RunDirError: a new run into a non-empty directory.
-        RunError: the run's clients keep private state that Flower cannot restore.
+        RunError: the checkpoints hold client state Flower nodes cannot take over, or the run
+            was written by a histofed that kept node state in memory only.
     """
     if not resume:
         return rundir.new_run_dir(run_dir, config.run.name)
     assert run_dir is not None
-    marker = run_dir / MARKER
-    kept = json.loads(marker.read_text())["clients_with_private_state"] if marker.exists() else []
     ckpts = rundir.list_checkpoints(run_dir)
-    if ckpts and (ckpts[-1] / "clients").exists():
-        kept += [p.stem for p in (ckpts[-1] / "clients").glob("*.npz")
-                 if not rundir.load_payload(p.with_suffix("")).is_empty()]
-    if ckpts and kept:
+    held = [p.name[:-4] for p in (ckpts[-1] / "clients").glob("*.npz")
+            if not rundir.load_payload(p.with_name(p.name[:-4])).is_empty()] \
+        if ckpts and (ckpts[-1] / "clients").exists() else []
+    if held:
         raise RunError(
-            f"{run_dir}: cannot resume on Flower: algorithm {config.algorithm.name!r} keeps private "
-            f"state on the clients ({', '.join(sorted(set(kept)))}; e.g. FedBN's norm layers or "
-            "personal models) and Flower nodes do not restore it after a restart, so resuming "
-            "would silently reset it. Start a new run, or run this method with the in-process "
-            "engine (its checkpoints hold client state). Resume on Flower works for methods "
-            "without client state (e.g. fedavg, fedprox).")
+            f"{run_dir}: cannot resume on Flower: its checkpoints hold the private client state of "
+            f"algorithm {config.algorithm.name!r} ({', '.join(sorted(held))}), written by the "
+            "in-process engine, and Flower nodes keep their own. Resume it with the in-process "
+            "engine, or start a new run")
+    info = read_marker(run_dir)
+    if ckpts and info.get("clients_with_private_state") and "run_key" not in info:
+        raise RunError(
+            f"{run_dir}: cannot resume on Flower: its nodes kept private client state "
+            f"({', '.join(info['clients_with_private_state'])}) in memory only (the run was made "
+            "by an older histofed), so resuming would silently reset it. Start a new run")
     return run_dir
 
 
@@ -347,16 +598,20 @@ def serve(grid: Grid, spec: RunSpec) -> Payload:
     config = config_with(parse_config(spec.config_text), engine="flower")  # as config.toml says
     spec = dataclasses.replace(spec, config_text=dump_toml(config.to_dict()))
     check_flower_supported(config)
+    done = 0
     if spec.resume and spec.run_dir:  # damaged checkpoints set aside, as in-process
         from histofed.engine import resume_point
 
-        resume_point(Path(spec.run_dir))
+        done = resume_point(Path(spec.run_dir))
     run_dir = prepare_run_dir(spec.run_dir, config, resume=spec.resume)
+    run_key, state_rounds, history = resume_state(run_dir, done) if spec.resume else ("", {}, {})
     # the server learns the sites from the handshake; it never builds their data
     transport = FlowerTransport(
         grid, config_text=spec.config_text, data_root=spec.data_root, run_dir=run_dir,
         node_wait=spec.node_wait, timeout=spec.round_timeout or None,
-        expected=spec.num_clients or None)
+        expected=spec.num_clients or None, min_clients=spec.min_clients, run_key=run_key,
+        state_rounds=state_rounds, history=history, node_state_dir=spec.node_state_dir,
+        after_round=done)
     try:
         experiment = Experiment(config, transport.roster, run_dir)
         if not spec.resume:
@@ -411,6 +666,8 @@ def client_handshake(msg: Message, context: Context) -> Message:
     record = {"partition-id": int(pid), "num-clients": len(names), "client-names": names}
     if 0 <= int(pid) < len(names):  # this site's roster entry: what it tells the coordinator
         record.update(runtime.roster([int(pid)])[0].to_scalars())
+        if NODE in msg.content:  # where its private state lives; restore the one expected
+            reply[NODE] = node_state.handshake(msg.content[NODE], context, names[int(pid)])
     reply[RUN] = ConfigRecord(record)
     return Message(reply, reply_to=msg)
 
@@ -426,11 +683,15 @@ def _run_job(msg: Message, context: Context) -> Message:
                            f"{run['cid']} (config {run['config-sha']})")
     if _MESSAGE_TYPE.get(job.kind) != msg.metadata.message_type:
         raise RuntimeError(f"{job.kind} job in a {msg.metadata.message_type!r} message")
+    expected = msg.content[rec.JOB].get("state-round")
+    if expected is not None:  # hold the state of the round the server expects (or fail)
+        node_state.restore_for_job(context.state, int(expected), job.cid)
     job.state = rec.load_state(context.state)
-    result = client_runtime(str(run["config"]), str(run["data-root"])).run(job)
+    runtime = client_runtime(str(run["config"]), str(run["data-root"]))
+    result = runtime.run(job)
     state = result.state if result.state is not None else job.state
-    if job.kind == "fit":  # as in-process: only fit jobs update a client's state
-        rec.store_state(context.state, state)
+    if job.kind == "fit":  # as in-process: only fit jobs update a client's state (memory + disk)
+        node_state.after_fit(context.state, state, job.round, runtime.config.run.keep_checkpoints)
     kept = rec.load_state(context.state)
     return Message(rec.result_to_content(result, has_state=not kept.is_empty()), reply_to=msg)
 
@@ -462,12 +723,13 @@ def run_flower_simulation(config: Config, *, data_root: Path | str | None, run_d
     One virtual SuperNode per client; at most ``num_cpus`` (default ``[run].workers``, 0 = all
     cores) ClientApp actors of one CPU each run at once. The run directory is written exactly
     as by the in-process engine (config.toml, run.json, metrics.jsonl, egress.jsonl,
-    checkpoints, final/), plus ``flower.json`` when clients keep private state on their nodes.
+    checkpoints, final/), plus ``nodes.jsonl`` (nodes that joined) and, when clients keep
+    private state, ``flower.json`` and the nodes' state folders under ``node-state/``.
 
     Raises:
         ConfigError: a method that cannot run on Flower (the pooled baseline).
-        RunError: resume of a run whose clients keep private state (Flower cannot restore it),
-            or a client failure (names the client and its node).
+        RunError: resume of a run whose checkpoints hold in-process client state, a node
+            without the state the resume expects, or a client failure (names client and node).
     """
     from flwr.simulation.run_simulation import _run_simulation
     from flwr.supercore.telemetry import EventType
@@ -482,7 +744,8 @@ def run_flower_simulation(config: Config, *, data_root: Path | str | None, run_d
     n_clients = len(cached_federation(config, str(data_root) if data_root else "").clients)
     spec = RunSpec(config_text=dump_toml(config.to_dict()), run_dir=run_dir,
                    data_root=str(data_root) if data_root else "", resume=resume,
-                   stop_after=stop_after or 0, node_wait=60.0, num_clients=n_clients)
+                   stop_after=stop_after or 0, node_wait=60.0, num_clients=n_clients,
+                   node_state_dir=str(run_dir.resolve() / "node-state"))
     actors = max(1, min(num_cpus or config.run.workers or default_workers(), n_clients))
     context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(),
                       run_config=spec.to_run_config())

@@ -39,7 +39,8 @@ class RunDirError(RuntimeError):
 
 CHECKSUMS = "SHA256SUMS"  # "<sha256>  <relative path>" per file; written last in a checkpoint
 # What a run leaves before its first checkpoint (a new run may reuse such a directory).
-_HEADER_FILES = {"config.toml", "run.json", "checkpoints", "tensorboard", "flower.json"}
+_HEADER_FILES = {"config.toml", "run.json", "checkpoints", "tensorboard", "flower.json",
+                 "node-state"}
 
 
 def safe_stem(name: str) -> str:
