@@ -18,6 +18,7 @@ from histofed.engine import run_experiment
 from histofed.engine.loop import RunError, ServerModels
 from histofed.engine.rundir import list_checkpoints, load_checkpoint, new_run_dir, read_jsonl
 from histofed.engine.validate import check_server_config, check_uploads
+from histofed.report import load_run
 
 from conftest import tiny_config_dict
 
@@ -94,6 +95,8 @@ def test_validation_rejects_scaled_nan_inf_and_logs_each(tiny_config, tmp_path, 
     assert rows[1]["reason"].startswith("NaN in") and rows[2]["reason"].startswith("inf in")
     printed = capsys.readouterr()
     assert printed.out.count("rejected the update of client 'synthetic-5'") == 3
+    events = [(e["round"], e["event"]) for e in load_run(out).events]  # the report lists them
+    assert events == [(1, "update_rejected"), (2, "update_rejected"), (3, "update_rejected")]
     # the guarded mean is exactly the honest-only mean, round after round
     for k, v in honest[3].items():
         np.testing.assert_array_equal(state.arrays[k], v, err_msg=k)

@@ -84,7 +84,7 @@ class ServerConfig:
     aggregator: str = "mean"  # "mean" | "median" | "trimmed-mean" | "krum" | "multi-krum"
     trim_fraction: float = 0.2  # trimmed-mean: share of values cut at each end, per coordinate
     byzantine: int = 1  # krum / multi-krum: f, the number of attackers tolerated
-    norm_limit: float = 10.0  # reject an update whose norm > norm_limit x the round's median (0 = off)
+    norm_limit: float = 10.0  # reject an update with norm > norm_limit x the round median; 0 = off
     max_rejected_rounds: int = 3  # stop after this many rounds in a row with every update rejected
 
 

@@ -375,7 +375,10 @@ class FedDP(Algorithm):
         eps = trainer.ledger.epsilon(self.delta, self.accountant)
         ctx.state.scalars.update(trainer.ledger.to_scalars(CLIENT_LEDGER))
         ctx.logs.update(epsilon=eps)
-        return Payload(upload.arrays, {**upload.scalars, "epsilon": eps}, kind=upload.kind)
+        # sigma = 0 (no noise, no guarantee) gives epsilon = inf; the server rejects non-finite
+        # float scalars (engine/validate.py), so infinity travels as the string "inf"
+        sent = eps if math.isfinite(eps) else "inf"
+        return Payload(upload.arrays, {**upload.scalars, "epsilon": sent}, kind=upload.kind)
 
 
 def extra_loss_terms(algorithm: Algorithm) -> list[str]:

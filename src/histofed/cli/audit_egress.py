@@ -85,7 +85,10 @@ def table(summary: dict[str, Any]) -> str:
              f"{s['rounds']} ({s['first_round']}-{s['last_round']})" if s["rounds"] else "0")
             for s in summary["sites"]]
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-    fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()  # noqa: E731
+
+    def fmt(r: tuple[str, ...]) -> str:
+        return "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+
     lines = [f"egress of {summary['run_dir']} ({summary['rows']} rows; 1 MB = 10^6 bytes; "
              "up = sent by the site)", "", fmt(head), fmt(tuple("-" * w for w in widths)),
              *map(fmt, rows), ""]
