@@ -69,6 +69,7 @@ def test_coordinate_median_by_hand_ignores_nan():
     out = coordinate_median(ups)["x"]
     np.testing.assert_array_equal(out, np.array([2.5, 0.5, 5.0], np.float32))
     assert out.dtype == np.float32
+    np.testing.assert_array_equal(coordinate_median(_ups([1, 8], [5, 2], [3, 4]))["x"], [3, 4])
 
 
 def test_trimmed_mean_by_hand():

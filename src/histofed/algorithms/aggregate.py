@@ -93,8 +93,13 @@ def coordinate_median(updates: Sequence[Arrays]) -> dict[str, np.ndarray]:
         array([3., 3.])
     """
     keys = _check_keys(updates)
-    return {k: np.nanmedian(_stacked(updates, k), axis=0).astype(updates[0][k].dtype)
-            for k in keys}
+    out = {}
+    for k in keys:
+        x = _stacked(updates, k)  # K x *shape
+        # np.nanmedian over few rows goes through masked arrays (~40x slower): only with NaN
+        med = np.nanmedian(x, axis=0) if np.isnan(x).any() else np.median(x, axis=0)
+        out[k] = np.asarray(med).astype(updates[0][k].dtype)
+    return out
 
 
 def trimmed_mean(updates: Sequence[Arrays], fraction: float) -> dict[str, np.ndarray]:
