@@ -48,6 +48,9 @@ def check_uploads(algorithm: Algorithm, sctx: ServerContext, state: Payload,
     rejected: list[Rejection] = []
     kept: dict[int, Payload] = {}
     for cid, up in sorted(uploads.items()):
+        if up is None:
+            rejected.append(Rejection(cid, "the fit job returned no upload"))
+            continue
         bad = non_finite_keys(up.arrays)
         if bad:
             what = " and ".join(w for w, test in (("NaN", np.isnan), ("inf", np.isinf))
