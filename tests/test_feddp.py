@@ -151,6 +151,15 @@ def test_record_level_keeps_one_accountant_per_client(tiny_config, tmp_path):
     assert led.steps == 2 * cfg.train.local_steps  # the client's history spans both rounds
 
 
+def test_record_level_without_noise_is_not_rejected_by_the_server(tiny_config, tmp_path):
+    """sigma = 0 gives epsilon = inf; the server's finiteness check must not drop the sites."""
+    cfg = tiny_config("feddp", model={"norm": "group", "channels": [8, 16]}, run={"rounds": 1},
+                      algorithm={"level": "record", "sigma": 0.0, "clip": 1.0})
+    _, out = _run(cfg, tmp_path, "record0")
+    assert read_jsonl(out / "rejected.jsonl") == []
+    assert read_jsonl(out / "privacy.jsonl")[0]["epsilon"] == float("inf")
+
+
 @pytest.mark.parametrize("options, match", [
     ({"sigma": -1.0}, "sigma = -1.0"),
     ({"sigma": 1.0, "clip": 0.0}, "clip = 0.0"),

@@ -33,3 +33,25 @@ def test_a_crash_between_the_two_renames_is_recovered(tmp_path):
     rnd, server, _ = BestSnapshot(tmp_path).load()
     assert rnd == 2 and server.arrays["w"][0] == 2.0
     assert not best.tmp.exists() and not best.old.exists()
+
+
+def test_finished_runs_are_reused_across_new_config_tables_but_not_other_settings(tiny_config,
+                                                                                   tmp_path):
+    """Benchmarks reuse a finished run (rundir.finished_with) when its config means the same
+    experiment, even if the config schema gained a table with defaults since it was written."""
+    from histofed.config import dump_toml
+    from histofed.engine import run_experiment
+    from histofed.engine.rundir import finished_with, new_run_dir
+
+    cfg = tiny_config(run={"rounds": 1})
+    out = new_run_dir(tmp_path / "r", "r")
+    run_experiment(cfg, data_root=None, run_dir=out)
+    text = dump_toml(cfg.to_dict())
+    assert finished_with(out, text)
+    assert "[server]" in text
+    head, tail = text.split("[server]")
+    older = head + tail[tail.index("\n["):]  # the table gone, as written before [server] existed
+    (out / "config.toml").write_text(older)
+    assert finished_with(out, text)
+    assert not finished_with(out, dump_toml(tiny_config(run={"rounds": 1},
+                                                        train={"lr": 0.02}).to_dict()))

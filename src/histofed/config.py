@@ -1,6 +1,6 @@
 """Experiment configuration: TOML in, frozen dataclasses out, validated once with clear errors.
 
-A config has six tables. ``run``, ``train`` and ``eval`` have fixed keys (below);
+A config has seven tables. ``run``, ``train``, ``eval`` and ``server`` have fixed keys (below);
 ``federation``, ``model`` and ``algorithm`` have a ``name`` plus options that the named
 builder validates itself (so each method documents its own hyperparameters).
 
@@ -74,6 +74,20 @@ class EvalConfig:
     instances: str = "components"  # nuclei from binary predictions: "components" | "watershed"
 
 
+AGGREGATORS = ("mean", "median", "trimmed-mean", "krum", "multi-krum")  # [server].aggregator
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """What the server accepts and how it combines it (docs/robustness.md)."""
+
+    aggregator: str = "mean"  # "mean" | "median" | "trimmed-mean" | "krum" | "multi-krum"
+    trim_fraction: float = 0.2  # trimmed-mean: share of values cut at each end, per coordinate
+    byzantine: int = 1  # krum / multi-krum: f, the number of attackers tolerated
+    norm_limit: float = 10.0  # reject an update with norm > norm_limit x the round median; 0 = off
+    max_rejected_rounds: int = 3  # stop after this many rounds in a row with every update rejected
+
+
 @dataclass(frozen=True)
 class NamedConfig:
     """``name`` plus free options for a registry-built object (federation/model/algorithm)."""
@@ -90,10 +104,11 @@ class Config:
     algorithm: NamedConfig
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    server: ServerConfig = ServerConfig()
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        for table in ("run", "train", "eval"):
+        for table in _FIXED:
             out[table] = {k: _plain(v) for k, v in dataclasses.asdict(getattr(self, table)).items()}
         for table in ("federation", "model", "algorithm"):
             named: NamedConfig = getattr(self, table)
@@ -104,7 +119,7 @@ class Config:
         return dataclasses.replace(self, **tables)
 
 
-_FIXED = {"run": RunConfig, "train": TrainConfig, "eval": EvalConfig}
+_FIXED = {"run": RunConfig, "train": TrainConfig, "eval": EvalConfig, "server": ServerConfig}
 _NAMED = ("federation", "model", "algorithm")
 
 
@@ -193,6 +208,15 @@ def _check_ranges(cfg: Config, source: str) -> None:
                                      "e.g. 0.5 (a threshold >= 1 marks no pixel as nucleus)"),
         (cfg.run.keep_checkpoints >= 0, "[run].keep_checkpoints must be >= 0 (0 = keep all)"),
         (cfg.train.weight_decay >= 0, "[train].weight_decay must be >= 0"),
+        (cfg.server.aggregator in AGGREGATORS,
+         f"[server].aggregator = {cfg.server.aggregator!r}: choose one of {', '.join(AGGREGATORS)}"),
+        (0 <= cfg.server.trim_fraction < 0.5, "[server].trim_fraction must be in [0, 0.5), "
+                                              "e.g. 0.2 (cut at each end)"),
+        (cfg.server.byzantine >= 0, "[server].byzantine must be >= 0"),
+        (cfg.server.norm_limit == 0 or cfg.server.norm_limit > 1,
+         "[server].norm_limit must be 0 (off) or > 1 (a multiple of the round's median norm; "
+         "<= 1 would reject about half of the honest clients)"),
+        (cfg.server.max_rejected_rounds >= 1, "[server].max_rejected_rounds must be >= 1"),
         (cfg.run.seed >= 0, "[run].seed must be >= 0 (numpy seeds are non-negative)"),
         (0 <= cfg.train.momentum < 1, "[train].momentum must be in [0, 1)"),
         (len(cfg.train.betas) == 2 and all(isinstance(b, (int, float)) and not isinstance(b, bool)

@@ -94,12 +94,15 @@ def load_run(run_dir: Path) -> Run:
     except ValueError as err:
         raise ValueError(f"{info_path}: not valid JSON ({err}); fix or delete it") from err
     lines = _read_jsonl(run_dir / "metrics.jsonl", ("round", "client"), notes) or []
+    rejected = _read_jsonl(run_dir / "rejected.jsonl", ("round", "client", "reason"), notes) or []
+    lines += [{"round": r["round"], "client": r["client"], "event": "update_rejected",
+               "message": r["reason"]} for r in rejected]  # the server's checks (docs/robustness.md)
     return Run(
         path=run_dir,
         info=info,
         config=config_path.read_text(encoding="utf-8") if config_path.exists() else None,
         metrics=[r for r in lines if "event" not in r],
-        events=[r for r in lines if "event" in r],
+        events=sorted((r for r in lines if "event" in r), key=lambda r: r.get("round", 0)),
         egress=_read_jsonl(run_dir / "egress.jsonl", ("round", "client", "direction", "bytes"), notes),
         privacy=_read_jsonl(run_dir / "privacy.jsonl", ("round", "epsilon"), notes),
         notes=notes,

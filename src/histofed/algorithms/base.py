@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 import torch
 
+from histofed.algorithms.aggregate import weighted_mean
 from histofed.config import ConfigError
 from histofed.registry import Registry
 
@@ -68,6 +70,29 @@ class Payload:
             out[self.kind] = int(sum(a.nbytes for a in self.arrays.values()))
         if self.scalars:
             out["scalars"] = len(json.dumps(self.scalars, separators=(",", ":")))
+        return out
+
+    def sha256(self) -> dict[str, str]:
+        """SHA-256 per kind, as :meth:`nbytes` counts them: the arrays' canonical bytes under
+        ``kind`` (for each name in sorted order: the UTF-8 name, NUL, ``dtype.str``, NUL, the
+        shape as ``repr(tuple)``, NUL, the C-order data), the scalars' canonical JSON (sorted
+        keys, no spaces) under "scalars". A site can recompute it to check the egress log.
+
+        Example:
+            >>> Payload({}, {"n": 1}).sha256()["scalars"][:12]
+            '2bfd14f43d17'
+        """
+        out: dict[str, str] = {}
+        if self.arrays:
+            h = hashlib.sha256()
+            for name in sorted(self.arrays):
+                a = np.asarray(self.arrays[name], order="C")  # (ascontiguousarray makes 0-d 1-d)
+                h.update(f"{name}\0{a.dtype.str}\0{tuple(a.shape)!r}\0".encode())
+                h.update(a.reshape(-1).view(np.uint8))  # the data, without a copy
+            out[self.kind] = h.hexdigest()
+        if self.scalars:
+            text = json.dumps(self.scalars, sort_keys=True, separators=(",", ":"))
+            out["scalars"] = hashlib.sha256(text.encode()).hexdigest()
         return out
 
     def is_empty(self) -> bool:
@@ -164,7 +189,9 @@ class ServerContext:
     shared architecture every client has, for weight-averaging methods); ``task`` is the
     federation's task (losses, evaluation) for methods that evaluate or optimise on the server,
     with ``trainer`` running their loops. ``log(stem, row)`` appends a row to ``<stem>.jsonl``
-    after aggregation (truncated on resume like every per-round log).
+    after aggregation (truncated on resume like every per-round log). ``combine(arrays,
+    weights)`` is the mean a ``mean_aggregation`` method takes of its clients' uploads: the
+    weighted mean, or the robust rule of ``[server].aggregator`` (algorithms/aggregate.py).
     """
 
     round: int
@@ -175,6 +202,8 @@ class ServerContext:
     task: Task | None = None
     trainer: Any = None
     logs: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    combine: Callable[[list[dict[str, np.ndarray]], list[float]], dict[str, np.ndarray]] = \
+        field(default=weighted_mean)
 
     def numpy_rng(self, offset: int = 0) -> np.random.Generator:
         return np.random.default_rng([self.seed, self.round, offset])
@@ -251,7 +280,9 @@ class Algorithm:
         one_shot: the method communicates once (the engine runs a single round).
         pooled: centralised baseline: the engine trains one model on the pooled data.
         mean_aggregation: ``aggregate`` is theta + a (weighted) mean of client updates, so a
-            DP wrapper may replace it by a noisy fixed-denominator sum (central noise).
+            DP wrapper may replace it by a noisy fixed-denominator sum (central noise), and a
+            robust ``[server].aggregator`` may replace the mean (``aggregate`` takes it from
+            ``sctx.combine``; the engine checks that it did).
         personal_models_may_travel: a site's personal model may be sent to a held-out site
             to be scored there (in-process evaluation). False for DP methods: personal parts
             (e.g. FedBN's norm layers) are not covered by the privacy accounting.
@@ -282,6 +313,14 @@ class Algorithm:
     ) -> Payload:
         """Combine client payloads into the new server state (log rows: ``sctx.log``)."""
         raise NotImplementedError
+
+    def expected_upload(self, sctx: ServerContext, state: Payload,
+                        cid: int) -> dict[str, tuple[tuple[int, ...], np.dtype]] | None:
+        """What client ``cid``'s fit upload must hold this round, ``{name: (shape, dtype)}``,
+        given the server ``state`` before aggregation; the engine rejects an upload with other
+        keys, shapes or dtypes before ``aggregate`` sees it. None (default): no structural
+        check (NaN/inf and the norm check still apply)."""
+        return None
 
     def configure_evaluate(self, sctx: ServerContext, state: Payload) -> dict[int, Payload]:
         """Per-client payloads for evaluation; default: the same as for training."""

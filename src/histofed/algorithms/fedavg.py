@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from histofed.algorithms.aggregate import weighted_mean
 from histofed.algorithms.base import (
     Algorithm,
     ClientContext,
@@ -21,6 +20,7 @@ from histofed.algorithms.base import (
     ServerContext,
     register_algorithm,
     require_same_architecture,
+    without_namespaces,
 )
 from histofed.algorithms.training import local_train
 from histofed.algorithms.weights import get_weights, load_weights
@@ -64,8 +64,20 @@ class FedAvg(Algorithm):
         """Hook for methods that add a term to the local loss (FedProx, FedSODA)."""
         return None
 
+    def expected_upload(self, sctx: ServerContext, state: Payload,
+                        cid: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """The global weights (keys outside any namespace), minus the keys kept at home
+        (FedBN's norm layers), each with its shape and dtype."""
+        cache = self.__dict__.setdefault("_home_keys", {})  # one model build per run
+        if cache.get("factory") is not sctx.build_model:
+            cache.update(factory=sctx.build_model, keys=self.local_keys(sctx.build_model(None)))
+        return {k: (v.shape, v.dtype) for k, v in without_namespaces(state.arrays).items()
+                if k not in cache["keys"]}
+
     def aggregate(self, sctx: ServerContext, state: Payload, results: dict[int, Payload]) -> Payload:
+        """theta_{t+1} = sum_k n_k theta_k / sum_k n_k, or the robust rule of
+        ``[server].aggregator`` (``sctx.combine``)."""
         cids = sorted(results)
-        new = weighted_mean([results[c].arrays for c in cids],
-                            [self.client_weight(sctx, c, results[c]) for c in cids])
+        new = sctx.combine([results[c].arrays for c in cids],
+                           [self.client_weight(sctx, c, results[c]) for c in cids])
         return Payload({**state.arrays, **new}, state.scalars, kind="state")

@@ -232,6 +232,17 @@ class FedDP(Algorithm):
     def configure_evaluate(self, sctx: ServerContext, state: Payload) -> dict[int, Payload]:
         return self._base.configure_evaluate(sctx, state)
 
+    def expected_upload(self, sctx: ServerContext, state: Payload,
+                        cid: int) -> dict[str, tuple[tuple[int, ...], np.dtype]] | None:
+        """The base's upload (record level), or its float arrays (client level: the clipped
+        update covers those). None for a no-op job or a base without a structural check."""
+        if cid not in {c.cid for c in self.sample(sctx)}:
+            return None  # the no-op job of a round that sampled nobody (see configure_fit)
+        expected = self._base.expected_upload(sctx, state, cid)
+        if expected is None or self.level == "record":
+            return expected
+        return {k: v for k, v in expected.items() if np.issubdtype(v[1], np.floating)}
+
     def aggregate(self, sctx: ServerContext, state: Payload,
                   results: dict[int, Payload]) -> Payload:
         real = {c: p for c, p in results.items() if not p.scalars.get(SKIP)}
@@ -368,7 +379,10 @@ class FedDP(Algorithm):
         eps = trainer.ledger.epsilon(self.delta, self.accountant)
         ctx.state.scalars.update(trainer.ledger.to_scalars(CLIENT_LEDGER))
         ctx.logs.update(epsilon=eps)
-        return Payload(upload.arrays, {**upload.scalars, "epsilon": eps}, kind=upload.kind)
+        # sigma = 0 (no noise, no guarantee) gives epsilon = inf; the server rejects non-finite
+        # float scalars (engine/validate.py), so infinity travels as the string "inf"
+        sent = eps if math.isfinite(eps) else "inf"
+        return Payload(upload.arrays, {**upload.scalars, "epsilon": sent}, kind=upload.kind)
 
 
 def extra_loss_terms(algorithm: Algorithm) -> list[str]:

@@ -1,6 +1,7 @@
 """`histofed audit invert RUN_DIR|CONFIG`: a gradient-inversion attack on a client's update,
 with and without the run's defence (privacy/invert.py). Writes invert.md, invert.json and
-invert.png (original | flat colour | reconstructions) to a new directory."""
+invert.png (original | flat colour | reconstructions) to a new directory.
+`histofed audit egress RUN_DIR`: what left each site (cli/audit_egress.py)."""
 
 from __future__ import annotations
 
@@ -11,14 +12,16 @@ from typing import Annotated, Any, Optional
 import numpy as np
 import typer
 
+from histofed.cli.audit_egress import egress
 from histofed.cli.errors import friendly_errors
 
-app = typer.Typer(help="Empirical privacy audits (gradient inversion).", no_args_is_help=True)
+app = typer.Typer(help="Privacy audits: gradient inversion, egress.", no_args_is_help=True)
+app.command("egress")(egress)
 
 
 @app.callback()
 def _group() -> None:
-    """Empirical privacy audits (gradient inversion)."""
+    """Privacy audits: gradient inversion (invert), what left each site (egress)."""
 
 
 def _load_target(target: Path):

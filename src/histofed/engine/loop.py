@@ -5,6 +5,9 @@ Per round t:  payloads = configure_fit -> transport runs client fit jobs -> aggr
                  -> score jobs on held-out sites ([federation].unseen)
                  -> keep the best round on validation ([eval].select = "best-val")
               -> metrics.jsonl, egress.jsonl, <method logs>.jsonl, checkpoint round-t.
+Every fit upload is checked before ``aggregate`` (engine/validate.py: NaN/inf, expected keys,
+shapes and dtypes, norm against the round's median); rejected ones go to rejected.jsonl, and a
+round whose every upload was rejected keeps the previous state.
 The transport decides where clients run (worker processes here, or Flower nodes) and is how
 the server learns the sites (``transport.roster``); the server never builds a dataset.
 """
@@ -30,6 +33,7 @@ from histofed.config import Config, dump_toml
 from histofed.engine import rundir
 from histofed.engine.runtime import POOLED, ClientJob, JobResult
 from histofed.engine.selection import BestSnapshot
+from histofed.engine.validate import Combiner, check_server_config, check_uploads
 from histofed.models import build_model, canonical_spec, check_client_tables, init_seed
 from histofed.tasks import make_task
 
@@ -98,6 +102,9 @@ class Experiment:
         for cid in ([None] if self.models.shared else [c.cid for c in self.clients]):
             self.models(cid)  # a bad [model] fails here, before the run directory is written
         self.rounds = 1 if self.algorithm.one_shot else config.run.rounds
+        check_server_config(config.server, self.algorithm, len(self.clients))
+        self.combine = Combiner(config.server)
+        self.all_rejected = 0  # rounds in a row whose every upload was rejected
         self.names = {c.cid: c.name for c in roster} | {POOLED: "pooled"}
         self.best = BestSnapshot(self.run_dir, higher_is_better=self.task.headline != "loss")
         self.tensorboard = None
@@ -115,7 +122,7 @@ class Experiment:
     def server_context(self, rnd: int, clients: list[ClientInfo] | None = None) -> ServerContext:
         return ServerContext(round=rnd, seed=self.config.run.seed, clients=clients or self.clients,
                              build_model=self.models, rounds=self.rounds, task=self.task,
-                             trainer=Trainer())
+                             trainer=Trainer(), combine=self.combine)
 
     def initial_state(self) -> Payload:
         """The method's initial state; initial weights of the shared architecture (none when
@@ -233,20 +240,15 @@ class Experiment:
         for job in jobs:  # [eval].after_fit: each site also scores the model it just trained
             job.evaluate_after = after_fit
         results = transport.run(jobs, desc=f"round {rnd} fit")
-        egress, lines, ok = [], [], {}
+        egress, lines, ok, digests = [], [], {}, {}
         if self.algorithm.pooled and rnd == 1:  # what pooling moved: each site's raw training data
             egress += [self._egress(rnd, c.name, "up", "raw-data", int(c.facts.get("raw_bytes", 0)),
                                     "fit") for c in self.clients]
         for res in results:
             name = self.names[res.cid]
-            egress += self._payload_egress(rnd, name, "down", payloads[res.cid], "fit")
+            egress += self._payload_egress(rnd, name, "down", payloads[res.cid], "fit", digests)
             if transport.keeps_state and res.state is not None:
                 states[name] = res.state
-            if res.error is None and res.payload is not None:
-                bad = non_finite_keys(res.payload.arrays)
-                if bad:
-                    res.error = (f"client {name!r}, round {rnd}: update has NaN/inf in {bad[:3]}; "
-                                 "dropped from aggregation")
             if res.error is not None:
                 lines.append({"round": rnd, "client": name, "event": "client_failed",
                               "message": res.error})
@@ -263,14 +265,60 @@ class Experiment:
                 f"round {rnd}: every client failed (see metrics.jsonl events). The checkpoint of "
                 f"round {rnd - 1} is intact: fix the cause (e.g. lower [train].lr) and run "
                 f"`histofed run --resume {self.run_dir} --set train.lr=<lower value>`")
-        return self._aggregate(sctx, state, ok)
+        kept = self._reject(sctx, state, payloads, ok)
+        if not kept:
+            return self._keep_state(rnd, state, len(ok))
+        self.all_rejected = 0
+        return self._aggregate(sctx, state, kept)
+
+    def _reject(self, sctx: ServerContext, state: Payload, sent: dict[int, Payload],
+                uploads: dict[int, Payload]) -> dict[int, Payload]:
+        """The uploads that pass the server's checks; each rejection -> rejected.jsonl and a
+        warning line."""
+        kept, rejected = check_uploads(self.algorithm, sctx, state, sent, uploads,
+                                       self.config.server.norm_limit)
+        rows = []
+        for r in rejected:
+            name = self.names[r.cid]
+            rows.append({"round": sctx.round, "client": name, "reason": r.reason,
+                         "norm": r.norm, "median": r.median})
+            tqdm.write(f"warning: round {sctx.round}: rejected the update of client {name!r}: "
+                       f"{r.reason}")
+        rundir.append_jsonl(self.run_dir / "rejected.jsonl", rows)
+        return kept
+
+    def _keep_state(self, rnd: int, state: Payload, uploads: int) -> Payload:
+        """Every upload of round ``rnd`` was rejected: keep the previous state, or stop after
+        ``[server].max_rejected_rounds`` such rounds in a row."""
+        self.all_rejected += 1
+        limit = self.config.server.max_rejected_rounds
+        if self.all_rejected >= limit:
+            raise RunError(
+                f"round {rnd}: every update was rejected for {self.all_rejected} rounds in a row "
+                f"([server].max_rejected_rounds = {limit}); see {self.run_dir / 'rejected.jsonl'}"
+                f". The checkpoint of round {rnd - 1} is intact: fix the sites (or the method's "
+                "options) and resume with `histofed run --resume`")
+        tqdm.write(f"warning: round {rnd}: all {uploads} updates were rejected (see "
+                   "rejected.jsonl); the model stays as it was after the previous round")
+        return state
 
     def _aggregate(self, sctx: ServerContext, state: Payload, ok: dict[int, Payload]) -> Payload:
-        state = self.algorithm.aggregate(sctx, state, ok)
-        for stem, rows in self.algorithm.round_logs(sctx, state).items():
+        calls = self.combine.calls
+        new = self.algorithm.aggregate(sctx, state, ok)
+        if ok and self.config.server.aggregator != "mean" and self.combine.calls == calls:
+            raise RunError(f"[server].aggregator = {self.config.server.aggregator!r}: "
+                           f"{self.algorithm.name!r} declares mean_aggregation but its aggregate "
+                           "never called sctx.combine, so the robust rule was not applied")
+        bad = non_finite_keys(self.algorithm.final_weights(new))
+        if bad:
+            raise RunError(f"round {sctx.round}: aggregation produced NaN/inf in {bad[:3]} "
+                           f"although every upload was finite; the checkpoint of round "
+                           f"{sctx.round - 1} is intact (a bug in {self.algorithm.name!r}'s "
+                           "aggregate: please report it)")
+        for stem, rows in self.algorithm.round_logs(sctx, new).items():
             sctx.logs.setdefault(stem, []).extend(rows)
         self._write_logs(sctx)
-        return state
+        return new
 
     def _write_logs(self, sctx: ServerContext) -> None:
         for stem, rows in sctx.logs.items():
@@ -289,11 +337,12 @@ class Experiment:
         payloads = self.algorithm.configure_evaluate(sctx, state)
         results = transport.run(self._jobs("evaluate", rnd, payloads, states, transport.keeps_state),
                                 desc=f"round {rnd} eval")
-        lines, egress, scores = [], [], []
+        lines, egress, scores, digests = [], [], [], {}
         val: dict[str, list[float]] = {}
         for res in results:
             name = self.names[res.cid]
-            egress += self._payload_egress(rnd, name, "down", payloads[res.cid], "evaluate")
+            egress += self._payload_egress(rnd, name, "down", payloads[res.cid], "evaluate",
+                                           digests)
             for row in metric_rows(rnd, name, res.metrics):
                 lines.append(row)
                 split, model, score = row["split"], row["model"], row.get(self.task.headline, np.nan)
@@ -350,16 +399,27 @@ class Experiment:
         return f", unseen {np.nanmean(glob_scores):.3f}" if glob_scores else ""
 
     def _payload_egress(self, rnd: int, name: str, direction: str, payload: Payload | None,
-                        phase: str) -> list[dict]:
+                        phase: str, digests: dict[int, dict[str, str]] | None = None
+                        ) -> list[dict]:
+        """egress.jsonl rows of one payload: bytes and SHA-256 per kind. ``digests`` caches
+        the checksums of a payload sent to many clients (by object id, within one phase)."""
         if payload is None:
             return []
-        return [self._egress(rnd, name, direction, kind, n, phase)
+        if digests is None:
+            sums = payload.sha256()
+        elif id(payload) in digests:
+            sums = digests[id(payload)]
+        else:
+            sums = digests[id(payload)] = payload.sha256()
+        return [self._egress(rnd, name, direction, kind, n, phase, sums[kind])
                 for kind, n in payload.nbytes().items()]
 
     @staticmethod
-    def _egress(rnd: int, client: str, direction: str, kind: str, nbytes: int, phase: str) -> dict:
-        return {"round": rnd, "client": client, "direction": direction, "kind": kind,
-                "bytes": int(nbytes), "phase": phase}
+    def _egress(rnd: int, client: str, direction: str, kind: str, nbytes: int, phase: str,
+                sha256: str | None = None) -> dict:
+        row = {"round": rnd, "client": client, "direction": direction, "kind": kind,
+               "bytes": int(nbytes), "phase": phase}
+        return row if sha256 is None else {**row, "sha256": sha256}
 
     def _save_final(self, state: Payload, states: dict[str, Payload]) -> None:
         final = self.run_dir / "final"

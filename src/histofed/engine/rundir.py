@@ -274,8 +274,19 @@ def load_checkpoint(ckpt: Path) -> tuple[int, Payload, dict[str, Payload]]:
 
 
 def finished_with(run_dir: Path, config_toml: str) -> bool:
-    """True when ``run_dir`` is a finished run whose config.toml is exactly ``config_toml``
-    (benchmarks reuse such runs and redo any other)."""
+    """True when ``run_dir`` is a finished run whose config.toml means the same experiment as
+    ``config_toml`` (benchmarks reuse such runs and redo any other). Both are parsed with
+    today's defaults, so a table added to the config schema later (e.g. ``[server]`` with its
+    defaults) does not throw away finished runs; a saved config that no longer parses does."""
+    import tomllib
+
+    from histofed.config import ConfigError, config_from_dict
+
     info, saved = Path(run_dir) / "run.json", Path(run_dir) / "config.toml"
-    return (info.exists() and "finished" in json.loads(info.read_text()) and saved.exists()
-            and saved.read_text() == config_toml)
+    if not (info.exists() and "finished" in json.loads(info.read_text()) and saved.exists()):
+        return False
+    try:
+        return (config_from_dict(tomllib.loads(saved.read_text())).to_dict()
+                == config_from_dict(tomllib.loads(config_toml)).to_dict())
+    except (ConfigError, tomllib.TOMLDecodeError):
+        return False
