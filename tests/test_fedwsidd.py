@@ -244,7 +244,8 @@ def image_config(tiny_config, **algorithm):
                                  **algorithm})
     return cfg.replace(
         federation=NamedConfig("synthetic-image-bags", {"num_clients": 2, "bags_per_client": 6,
-                                                        "encoder_width": 8, "encoder_depth": 2}),
+                                                        "encoder_width": 8, "encoder_depth": 2,
+                                                        "encoder_pool": 1}),
         model=NamedConfig("abmil", {"hidden": 8}))
 
 

@@ -38,7 +38,8 @@ def test_image_bag_dataset_features_are_phi_of_a(one_thread):
 
 def test_synthetic_image_bags_federation(one_thread):
     fed = build_federation("synthetic-image-bags", data_root=None, seed=0,
-                           encoder_width=4, encoder_depth=2, stain="none")
+                           encoder_width=4, encoder_depth=2, encoder_pool=1,
+                           stain="none")
     assert fed.task == "mil" and fed.num_classes == 2 and len(fed.clients) == 2
     assert all(c.train.dim == 4 and len(c.test) >= 1 for c in fed.clients)
     with pytest.raises(ValueError, match="stain must be 'none' or 'macenko'"):

@@ -29,7 +29,7 @@ from histofed.data.formats import DataFormatError, read_meta_csv
 from histofed.data.partition import StratifiedPartitioner, stratified_split
 from histofed.data.synthetic import synthetic_image_bags
 
-_ENCODER_DEFAULTS = dict(encoder_width=32, encoder_depth=3, encoder_pool=1, encoder_seed=0,
+_ENCODER_DEFAULTS = dict(encoder_width=32, encoder_depth=3, encoder_pool=2, encoder_seed=0,
                          encoder_path="", stain="macenko")
 
 
@@ -75,9 +75,15 @@ class ImageBagDataset(Dataset):
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """``P x 3 x h x w`` float in [0, 1] -> ``P x D`` float32 features phi(A(x))."""
-        out = [self.encoder(self.normaliser(x[i:i + self.batch_size].clamp(0, 1)).float())
-               for i in range(0, len(x), self.batch_size)]
+        """``P x 3 x h x w`` float in [0, 1] -> ``P x D`` float32 features phi(A(x)).
+
+        Runs on one torch thread (restored after): Macenko is a loop of tiny per-patch ops,
+        measured 14x slower on 2 threads than on 1 on a busy 2-core machine."""
+        from histofed.algorithms.fedsoda import one_torch_thread
+
+        with one_torch_thread():
+            out = [self.encoder(self.normaliser(x[i:i + self.batch_size].clamp(0, 1)).float())
+                   for i in range(0, len(x), self.batch_size)]
         return torch.cat(out).float() if out else torch.zeros(0, 0)
 
     def __len__(self) -> int:
@@ -145,7 +151,8 @@ def _image_bag_federation(name: str, bags: list[np.ndarray], labels: np.ndarray,
 )
 def build_synthetic_image_bags(*, data_root: Path | None, seed: int, **options: Any) -> Federation:
     """Options: num_clients=2, bags_per_client=8, patch_size=16, test_fraction=0.25, and the
-    encoder/stain options encoder_width=32, encoder_depth=3, encoder_pool=1, encoder_seed=0,
+    encoder/stain options encoder_width=32, encoder_depth=3, encoder_pool=2 (D = width x pool^2;
+    pool 1 gave near-constant features on MoNuSeg, std 0.014), encoder_seed=0,
     encoder_path="" (a local checkpoint instead of the random ConvNet), stain="macenko"|"none".
     """
     opt = merge_options("synthetic-image-bags", options,
