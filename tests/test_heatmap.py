@@ -156,3 +156,34 @@ def test_heatmap_on_a_real_slide(shared_data, mil_run, tmp_path):
     assert 20 < summary["tiles"] < 100
     assert sum(summary["probabilities"]) == pytest.approx(1.0, abs=1e-5)
     assert Image.open(tmp_path / "cmu.png").width > 400
+
+
+@pytest.mark.slow  # a 3-site FedWSIDD run + 3 heatmaps (~50 s on the loaded 2-core box)
+def test_heatmap_of_each_personal_model_of_a_heterogeneous_fedwsidd_run(two_tone_slide,
+                                                                        tmp_path):
+    """FedWSIDD keeps personal models only, one architecture per site (ABMIL, CLAM-SB,
+    TransMIL): each is rebuilt from run.json's roster and gives a heatmap."""
+    from histofed.config import config_from_dict
+    from conftest import tiny_config_dict
+    from test_fedwsidd import HETERO
+
+    cfg = config_from_dict(tiny_config_dict(
+        "fedwsidd", run={"rounds": 2}, train={"local_steps": 2, "optimizer": "adam"},
+        algorithm={"ipc": 1, "nps": 3, "dm_steps": 2}), source="tiny")
+    cfg = cfg.replace(federation=NamedConfig("synthetic-bags", {"num_clients": 3,
+                                                               "bags_per_client": 6, "dim": 8}),
+                      model=NamedConfig("abmil", {"hidden": 16, "clients": HETERO}))
+    run = new_run_dir(tmp_path / "wsidd", "wsidd")
+    run_experiment(cfg, data_root=None, run_dir=run)
+    bag = slides.extract_features(two_tone_slide, phi(), tmp_path / "b.h5", tile_size=64,
+                                  progress=False)
+    with pytest.raises(ValueError, match="has no 'global' model"):
+        attention_heatmap(run, two_tone_slide, tmp_path / "g.png", bag=bag)
+    kinds = set()
+    for site in ("client-0", "client-1", "client-2"):
+        _, _, model = load_run_model(run, f"personal:{site}", task="mil")
+        kinds.add(type(model).__name__)
+        summary = attention_heatmap(run, two_tone_slide, tmp_path / f"{site}.png",
+                                    which=f"personal:{site}", bag=bag, max_side=256)
+        assert summary["tiles"] == 24 and (tmp_path / f"{site}.png").is_file()
+    assert kinds == {"GatedABMIL", "CLAMSB", "TransMILLite"}
