@@ -292,3 +292,30 @@ def test_image_space_needs_image_bags(tiny_config, tmp_path):
     with pytest.raises(ConfigError, match='upload = "images" needs space = "images"'):
         run_experiment(mil_config(tiny_config, algorithm={"upload": "images"}), data_root=None,
                        run_dir=new_run_dir(tmp_path / "s", "s"))
+
+
+def test_image_space_fedwsidd_on_flower_equals_inprocess(tiny_config, tmp_path, monkeypatch,
+                                                        one_thread):
+    """uint8 synthetic patches cross Flower Messages and give the same scores and bytes."""
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+    from test_flower_engine import _serve
+
+    for attr, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", SUPERLINK_NODE_ID)):
+        monkeypatch.setattr(TaskIdentity, attr, value)
+    cfg = image_config(tiny_config, upload="images")
+    ref = new_run_dir(tmp_path / "ip", "ip")
+    run_experiment(cfg, data_root=None, run_dir=ref)
+    out = tmp_path / "flower"
+    _serve(cfg, out)
+
+    def tests(d):
+        return sorted((r["round"], r["client"], r["accuracy"], round(r["loss"], 5))
+                      for r in read_jsonl(d / "metrics.jsonl") if r.get("split") == "test")
+
+    def moved(d):
+        return sorted((r["round"], r["client"], r["direction"], r["kind"], r["bytes"])
+                      for r in read_jsonl(d / "egress.jsonl") if r["kind"] != "scalars")
+
+    assert tests(out) == tests(ref) and len(tests(ref)) == 4
+    assert moved(out) == moved(ref) and {k for *_, k, _ in moved(ref)} == {"synthetic-images"}

@@ -158,7 +158,6 @@ def test_heatmap_on_a_real_slide(shared_data, mil_run, tmp_path):
     assert Image.open(tmp_path / "cmu.png").width > 400
 
 
-@pytest.mark.slow  # a 3-site FedWSIDD run + 3 heatmaps (~50 s on the loaded 2-core box)
 def test_heatmap_of_each_personal_model_of_a_heterogeneous_fedwsidd_run(two_tone_slide,
                                                                         tmp_path):
     """FedWSIDD keeps personal models only, one architecture per site (ABMIL, CLAM-SB,
