@@ -186,3 +186,45 @@ def test_heatmap_of_each_personal_model_of_a_heterogeneous_fedwsidd_run(two_tone
                                     which=f"personal:{site}", bag=bag, max_side=256)
         assert summary["tiles"] == 24 and (tmp_path / f"{site}.png").is_file()
     assert kinds == {"GatedABMIL", "CLAMSB", "TransMILLite"}
+
+
+def test_heatmap_of_a_standardising_run_uses_the_sites_own_statistics(two_tone_slide, tmp_path):
+    """slides-bags with standardize = true: each site scaled its bags with its own training
+    statistics; the heatmap refits them from the site's data (global: a clear error)."""
+    from histofed.config import config_from_dict
+    from histofed.data.bags import Standardizer
+    from conftest import tiny_config_dict
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "h5").mkdir()
+    rows, train_a = ["slide_id,label,site"], []
+    for i, (site, label) in enumerate([("A", 0), ("A", 1)] * 3 + [("B", 0), ("B", 1)] * 3):
+        x = rng.normal(3 * label + 10, 4.0, (5, 8)).astype(np.float32)
+        write_bag(tmp_path / "h5" / f"s{i}.h5", x)
+        rows.append(f"s{i},{label},{site}")
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    cfg = config_from_dict(tiny_config_dict(
+        "fedwsidd", run={"rounds": 2}, train={"local_steps": 2, "optimizer": "adam"},
+        algorithm={"ipc": 1, "nps": 2, "dm_steps": 2}), source="tiny")
+    cfg = cfg.replace(federation=NamedConfig("slides-bags", {
+        "bags_dir": "h5", "labels_csv": "labels.csv", "standardize": True}),
+        model=NamedConfig("abmil", {"hidden": 8}))
+    run = new_run_dir(tmp_path / "run", "run")
+    run_experiment(cfg, data_root=tmp_path, run_dir=run)
+    bag = slides.extract_features(two_tone_slide, phi(), tmp_path / "b.h5", tile_size=64,
+                                  progress=False)
+    from histofed.heatmap import _standardizer
+
+    with pytest.raises(ValueError, match="global model has no single input scale"):
+        _standardizer(run, cfg, "global", tmp_path)  # (FedWSIDD has no global model anyway)
+    attention_heatmap(run, two_tone_slide, tmp_path / "a.png", which="personal:A", bag=bag,
+                      max_side=256)
+    from histofed.engine import load_federation
+
+    site_a = load_federation(cfg, tmp_path).clients[0]
+    assert site_a.name == "A" and isinstance(site_a.train.standardizer, Standardizer)
+    _, _, model = load_run_model(run, "personal:A", task="mil")
+    x = torch.from_numpy(site_a.train.standardizer(read_bag(bag).features))
+    with open(tmp_path / "a.csv") as f:
+        got = [float(r["attention"]) for r in csv.DictReader(f)]
+    np.testing.assert_allclose(got, model.instance_attention(x).numpy(), rtol=1e-5)
