@@ -137,6 +137,18 @@ def test_cli_heatmap(mil_run, two_tone_slide, tmp_path):
                                       str(_scripted(tmp_path))])
     assert result.exit_code == 0, result.output
     assert "24 tiles; global model predicts class" in result.output and out.is_file()
+    # 10x on a 0.5 um/px slide: 64 px tiles cover 128 level-0 px; 2 rows x 4 columns reach
+    # half tissue (columns 0 and 384 hold 64 tissue columns of 128)
+    tenx = CliRunner().invoke(app, ["slides", "heatmap", str(mil_run), str(two_tone_slide),
+                                    "--out", str(tmp_path / "10x.png"), "--tile-size", "64",
+                                    "--magnification", "10", "--max-side", "256",
+                                    "--encoder", str(_scripted(tmp_path))])
+    assert tenx.exit_code == 0, tenx.output
+    assert "8 tiles; global model" in tenx.output
+    default = CliRunner().invoke(app, ["slides", "heatmap", str(mil_run), str(two_tone_slide),
+                                       "--tile-size", "64", "--out", str(tmp_path / "d.png")])
+    assert default.exit_code != 0 and "tiles have 256 features but the global model" in \
+        default.output
     seg = CliRunner().invoke(app, ["slides", "heatmap", str(tmp_path), str(two_tone_slide)])
     assert seg.exit_code != 0 and "config.toml" in seg.output
 

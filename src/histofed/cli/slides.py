@@ -22,6 +22,18 @@ OutDimOpt = Annotated[int, typer.Option(help="Expected features per tile (0 = an
 TileOpt = Annotated[int, typer.Option(help="Tile side in pixels.")]
 BatchOpt = Annotated[int, typer.Option(help="Tiles per encoder forward pass.")]
 SeedOpt = Annotated[int, typer.Option(help="Seed of the default random encoder.")]
+MagOpt = Annotated[float | None, typer.Option(
+    help="Tile at this magnification (e.g. 20); default level-0 pixels.")]
+MppOpt = Annotated[float | None, typer.Option(help="Tile at this um/px instead.")]
+AssumeOpt = Annotated[float | None, typer.Option(
+    help="Level-0 um/px for slides that do not record it.")]
+TissueOpt = Annotated[float, typer.Option(help="Minimum tissue fraction of a tile.")]
+
+
+def _res(magnification: float | None, mpp: float | None, assume_mpp: float | None) -> dict:
+    """Resolution keywords for histofed.data.slides (only those given)."""
+    res = {"magnification": magnification, "mpp": mpp, "assume_mpp": assume_mpp}
+    return {k: v for k, v in res.items() if v is not None}
 
 
 def _encoder(encoder: Path | None, arch: str, out_dim: int, tile_size: int, seed: int):
@@ -45,6 +57,10 @@ def extract(
     tile_size: TileOpt = 256,
     batch_size: BatchOpt = 32,
     seed: SeedOpt = 0,
+    magnification: MagOpt = None,
+    mpp: MppOpt = None,
+    assume_mpp: AssumeOpt = None,
+    tissue_threshold: TissueOpt = 0.5,
 ) -> None:
     """Tile each slide's tissue, encode the tiles and write one bag per slide (features, coords).
 
@@ -55,11 +71,14 @@ def extract(
     Example:
       histofed slides extract ../shared/data/wsi --out bags/wsi
       histofed slides extract slides/ --out bags/ --encoder resnet50_trunc.pt --out-dim 1024
+      histofed slides extract slides/ --out bags/ --magnification 20 --tile-size 224
     """
     from histofed.models.encoders import extract_bags
 
     phi = _encoder(encoder, arch, out_dim, tile_size, seed)
-    report = extract_bags(slides_dir, out, phi, tile_size=tile_size, batch_size=batch_size)
+    report = extract_bags(slides_dir, out, phi, tile_size=tile_size, batch_size=batch_size,
+                          tissue_threshold=tissue_threshold,
+                          **_res(magnification, mpp, assume_mpp))
     typer.echo(f"{len(report.written)} bag(s) written, {len(report.skipped)} already there, "
                f"{report.tiles} tiles in {report.seconds:.1f} s "
                f"({report.tiles_per_second:.1f} tiles/s) -> {out}")
@@ -89,6 +108,10 @@ def heatmap(
     tile_size: TileOpt = 256,
     batch_size: BatchOpt = 32,
     seed: SeedOpt = 0,
+    magnification: MagOpt = None,
+    mpp: MppOpt = None,
+    assume_mpp: AssumeOpt = None,
+    tissue_threshold: TissueOpt = 0.5,
     alpha: Annotated[float, typer.Option(help="Opacity of the colours over the tissue.")] = 0.5,
     cmap: Annotated[str, typer.Option(help="Matplotlib colormap.")] = "jet",
     max_side: Annotated[int, typer.Option(help="Longest side of the thumbnail.")] = 2048,
@@ -114,7 +137,8 @@ def heatmap(
     summary = attention_heatmap(
         run_dir, slide, out or Path(f"{slide.stem}-heatmap.png"), which=model, bag=bag,
         encoder=phi, tile_size=tile_size, batch_size=batch_size, alpha=alpha, cmap=cmap,
-        max_side=max_side, data_root=data_root)
+        max_side=max_side, data_root=data_root, tissue_threshold=tissue_threshold,
+        **_res(magnification, mpp, assume_mpp))
     probs = ", ".join(f"{p:.3f}" for p in summary["probabilities"])
     typer.echo(f"{summary['tiles']} tiles; {model} model predicts class {summary['predicted']} "
                f"(probabilities {probs}) -> {summary['png']} + {summary['csv']}")
