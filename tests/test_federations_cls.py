@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 
 import numpy as np
 import pytest
@@ -17,10 +16,9 @@ def _all_labels(fed, split):
     return np.concatenate([getattr(c, split).labels for c in fed.clients])
 
 
-def test_synthetic_patches_contract_and_speed():
-    t = time.perf_counter()
+def test_synthetic_patches_contract():
+    # no timing assertion: a busy CI machine made it flaky (speed lives in benchmarks/)
     fed = build_federation("synthetic-patches", data_root=None, seed=0)
-    assert time.perf_counter() - t < 3.0  # measured ~0.3 s
     assert fed.task == "classification" and fed.num_classes == 4 and len(fed.clients) == 3
     assert sum(c.num_train for c in fed.clients) == 3 * 96
     x, y = fed.clients[0].train[0]

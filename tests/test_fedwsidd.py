@@ -232,3 +232,90 @@ def test_fedwsidd_on_flower_equals_inprocess(tiny_config, tmp_path, monkeypatch)
 
     assert tests(out) == tests(ref) and len(tests(ref)) == 6
     assert up(out) == up(ref)
+
+
+# ---- image space: synthetic image bags through phi and A ----------------------------------------
+def image_config(tiny_config, **algorithm):
+    from histofed.config import NamedConfig
+
+    cfg = tiny_config("fedwsidd", run={"rounds": 2, "eval_every": 1},
+                      train={"local_steps": 3, "optimizer": "adam", "lr": 0.001},
+                      algorithm={"space": "images", "ipc": 1, "nps": 3, "dm_steps": 3,
+                                 **algorithm})
+    return cfg.replace(
+        federation=NamedConfig("synthetic-image-bags", {"num_clients": 2, "bags_per_client": 6,
+                                                        "encoder_width": 8, "encoder_depth": 2,
+                                                        "encoder_pool": 1}),
+        model=NamedConfig("abmil", {"hidden": 8}))
+
+
+def test_encode_images_by_hand():
+    from histofed.algorithms.fedwsidd import decode_images, encode_images
+
+    x = np.array([0.0, 0.5, 1.0, 1.2, -0.1], np.float32)
+    assert encode_images(x, "uint8").tolist() == [0, 128, 255, 255, 0]  # clipped to [0, 1]
+    assert np.abs(decode_images({"images": encode_images(x, "uint8")}) - x.clip(0, 1)).max() <= 1 / 510 + 1e-6
+    half = encode_images(x, "float16")
+    assert half.dtype == np.float16 and decode_images({"images": half}).tolist() == [0, 0.5, 1, 1, 0]
+
+
+@pytest.mark.parametrize("upload", ["images", "features"])
+def test_image_space_fedwsidd_end_to_end(tiny_config, tmp_path, one_thread, upload):
+    """2 sites distil 1 synthetic bag of 3 16 x 16 patches per class through Macenko + phi
+    (8 features), upload the patches (uint8) or their features, and train on real + pooled."""
+    out = new_run_dir(tmp_path / upload, upload)
+    run_experiment(image_config(tiny_config, upload=upload), data_root=None, run_dir=out)
+    rows = read_jsonl(out / "fedwsidd.jsonl")
+    images, features = 2 * 3 * 3 * 16 * 16, 2 * 3 * 8 * 2 + 2 * 8 * 4  # uint8; float16 + 2 x D
+    for r in rows[:2]:
+        assert (r["bytes_as_images"], r["bytes_as_features"]) == (images, features)
+        assert r["upload_kind"] == f"synthetic-{'images' if upload == 'images' else 'bags'}"
+        assert r["upload_bytes"] == (images if upload == "images" else features) + 2 * 8
+        assert r["dm_loss_last"] <= r["dm_loss_first"]
+    ups = [r for r in read_jsonl(out / "egress.jsonl")
+           if r["direction"] == "up" and r["kind"] != "scalars"]
+    assert {r["kind"] for r in ups} == {rows[0]["upload_kind"]} and len(ups) == 2
+    train2 = [r for r in read_jsonl(out / "metrics.jsonl")
+              if r.get("split") == "train" and r["round"] == 2]
+    assert len(train2) == 2 and all(r["synthetic_bags_used"] == 4 for r in train2)
+    state = load_payload(sorted((out / "checkpoints").glob("round-*"))[-1] / "server")
+    pooled = [k for k in state.arrays if k.startswith("synthetic")]
+    assert any(k.endswith("images" if upload == "images" else "bags") for k in pooled)
+
+
+def test_image_space_needs_image_bags(tiny_config, tmp_path):
+    cfg = mil_config(tiny_config, algorithm={"space": "images", "dm_steps": 1},
+                     train={"local_steps": 1})
+    with pytest.raises(Exception, match="client 'client-0': space = 'images' needs a federation "
+                                        "of image bags"):
+        run_experiment(cfg, data_root=None, run_dir=new_run_dir(tmp_path / "r", "r"))
+    with pytest.raises(ConfigError, match='upload = "images" needs space = "images"'):
+        run_experiment(mil_config(tiny_config, algorithm={"upload": "images"}), data_root=None,
+                       run_dir=new_run_dir(tmp_path / "s", "s"))
+
+
+def test_image_space_fedwsidd_on_flower_equals_inprocess(tiny_config, tmp_path, monkeypatch,
+                                                        one_thread):
+    """uint8 synthetic patches cross Flower Messages and give the same scores and bytes."""
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+    from test_flower_engine import _serve
+
+    for attr, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", SUPERLINK_NODE_ID)):
+        monkeypatch.setattr(TaskIdentity, attr, value)
+    cfg = image_config(tiny_config, upload="images")
+    ref = new_run_dir(tmp_path / "ip", "ip")
+    run_experiment(cfg, data_root=None, run_dir=ref)
+    out = tmp_path / "flower"
+    _serve(cfg, out)
+
+    def tests(d):
+        return sorted((r["round"], r["client"], r["accuracy"], round(r["loss"], 5))
+                      for r in read_jsonl(d / "metrics.jsonl") if r.get("split") == "test")
+
+    def moved(d):
+        return sorted((r["round"], r["client"], r["direction"], r["kind"], r["bytes"])
+                      for r in read_jsonl(d / "egress.jsonl") if r["kind"] != "scalars")
+
+    assert tests(out) == tests(ref) and len(tests(ref)) == 4
+    assert moved(out) == moved(ref) and {k for *_, k, _ in moved(ref)} == {"synthetic-images"}

@@ -163,3 +163,56 @@ def test_slides_extract_cli_names_a_broken_slide_and_exits_1(tmp_path):
     assert result.exit_code == 1, result.output
     assert "failed: broken" in result.output and "0 bag(s) written" in result.output
     assert not list((tmp_path / "bags").glob("*.h5"))  # nothing written half
+
+
+def test_abmil_instance_attention_is_the_pooling_weight():
+    """forward == head(sum_i a_i h_i) with the a_i instance_attention returns; equivariant."""
+    model = build_model({"name": "clam-sb", "hidden": 8}, num_classes=2, in_dim=5, seed=0).eval()
+    bag = torch.randn(7, 5, generator=torch.Generator().manual_seed(0))  # N x D
+    a = model.instance_attention(bag)
+    assert a.shape == (7,) and (a > 0).all()
+    torch.testing.assert_close(a.sum(), torch.tensor(1.0))
+    pooled = (a[:, None] * model.embed(bag)).sum(0)
+    torch.testing.assert_close(model.head(pooled)[None], model(bag[None]))
+    perm = torch.randperm(7, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(model.instance_attention(bag[perm]), a[perm])
+    with pytest.raises(ValueError, match="one bag"):
+        model.instance_attention(torch.randn(2, 3, 5))
+
+
+def test_abmil_attends_to_witness_instances_after_training(one_thread):
+    """Positive bags hold one shifted instance; after training, it gets the most attention."""
+    model = build_model({"name": "abmil", "hidden": 16}, num_classes=2, in_dim=4, seed=0)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(1)
+    bags = torch.randn(8, 6, 4, generator=g)
+    labels = torch.tensor([0, 1] * 4)
+    bags[labels == 1, 2] += 3.0  # instance 2 is the witness
+    for _ in range(60):
+        loss = F.cross_entropy(model(bags), labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    assert all(model.instance_attention(bags[i]).argmax() == 2 for i in range(1, 8, 2))
+
+
+@pytest.mark.parametrize("n, layers", [(4, 2), (5, 1), (5, 3), (1, 2)])
+def test_transmil_instance_attention_folds_padding(n, layers):
+    """Class-token attention of the last block: N scores, padding folded onto the instances it
+    repeats, so scores + the class token's self-attention sum to 1."""
+    model = build_model({"name": "transmil", "hidden": 8, "heads": 2, "layers": layers},
+                        num_classes=2, in_dim=3, seed=0).eval()
+    bag = torch.randn(1, n, 3, generator=torch.Generator().manual_seed(n))
+    a = model.instance_attention(bag)
+    assert a.shape == (n,) and (a > 0).all() and a.sum() < 1
+    captured = {}
+    last = model.rest[-1] if len(model.rest) else model.first
+    handle = last.register_forward_pre_hook(lambda m, args: captured.setdefault("x", args[0]))
+    with torch.no_grad():
+        model(bag)
+    handle.remove()
+    y = last.norm1(captured["x"])
+    full = last.attn(y, y, y, need_weights=True)[1][0, 0]  # 1 + s^2 weights of the class token
+    torch.testing.assert_close(a.sum() + full[0], torch.tensor(1.0))
+    torch.testing.assert_close(a[0], full[1] + full[1 + n:][::n].sum() if n > 1 else full[1:].sum())

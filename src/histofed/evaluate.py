@@ -44,19 +44,22 @@ def run_task(run_dir: Path, config) -> str:
     return FEDERATIONS.get(config.federation.name).task
 
 
-def load_run_model(run_dir: Path, which: str = "global"):
-    """A finished segmentation run's config, task and model with final weights loaded.
+def load_run_model(run_dir: Path, which: str = "global", *, task: str = "segmentation"):
+    """A finished run's config, task and model with final weights loaded.
 
     Args:
         run_dir: the run directory (config.toml, run.json, final/*.npz).
         which: "global" or "personal:<client>" (see :func:`final_models`).
+        task: the task the caller needs: "segmentation" (predict, evaluate) or "mil" (slide
+            heatmaps). A MIL model is rebuilt from its roster entry in run.json (per-client
+            architectures and the data-given ``in_dim`` included).
 
     Returns:
         ``(config, task, model)`` with the model in eval mode.
 
     Raises:
         FileNotFoundError: no config.toml or no final weights.
-        ValueError: the run is not a segmentation run, or ``which`` is not one of its models.
+        ValueError: the run trained another task, or ``which`` is not one of its models.
     """
     run_dir = Path(run_dir)
     if not (run_dir / "config.toml").exists():
@@ -64,19 +67,44 @@ def load_run_model(run_dir: Path, which: str = "global"):
                                 "`histofed run`")
     config = load_config(run_dir / "config.toml")
     kind = run_task(run_dir, config)
-    if kind != "segmentation":
-        raise ValueError(
-            f"run {run_dir} trained a {kind} model (federation {config.federation.name!r}); "
-            "nucleus masks, AJI/PQ and predictions need a segmentation run, e.g. one made with "
-            "configs/fedavg-nuclei.toml")
+    if kind != task:
+        needs = {"segmentation": "nucleus masks, AJI/PQ and predictions need a segmentation run, "
+                                 "e.g. one made with configs/fedavg-nuclei.toml",
+                 "mil": "attention heatmaps need a MIL run on slide bags, e.g. one made with "
+                        "configs/fedwsidd-ucsb.toml or federation slides-bags"}
+        raise ValueError(f"run {run_dir} trained a {kind} model (federation "
+                         f"{config.federation.name!r}); {needs.get(task, task + ' is needed')}")
     models = final_models(run_dir)
     if which not in models:
         raise ValueError(f"run {run_dir} has no {which!r} model; it has: {', '.join(models)}")
-    crop = int(config.federation.options.get("crop_size", 128))
-    task = make_task("segmentation", config.train, 1, crop)
-    model = build_model(config.model, num_classes=1)
+    if task == "segmentation":
+        crop = int(config.federation.options.get("crop_size", 128))
+        task_obj = make_task("segmentation", config.train, 1, crop)
+        model = build_model(config.model, num_classes=1)
+    else:
+        entry = _roster_entry(run_dir, which)
+        task_obj = make_task(task, config.train, int(entry["num_classes"]), 0)
+        model = build_model(dict(entry["model"]), num_classes=int(entry["num_classes"]))
     load_weights(model, load_payload(models[which]).arrays)
-    return config, task, model.eval()
+    return config, task_obj, model.eval()
+
+
+def _roster_entry(run_dir: Path, which: str) -> dict:
+    """run.json's roster entry of ``personal:<client>``, or of the first client for "global"
+    (a global model exists only when every site shares its architecture)."""
+    info_path = run_dir / "run.json"
+    roster = json.loads(info_path.read_text()).get("roster") if info_path.exists() else None
+    if not roster:
+        raise FileNotFoundError(f"{info_path} has no roster (a run from an older histofed?): "
+                                "the model's architecture and input size are unknown")
+    if which == "global":
+        return roster[0]
+    name = which.split(":", 1)[1]
+    for entry in roster:
+        if entry["name"] == name:
+            return entry
+    raise ValueError(f"{info_path}: no client {name!r} in the roster "
+                     f"({', '.join(e['name'] for e in roster)})")
 
 
 def final_models(run_dir: Path) -> dict[str, Path]:

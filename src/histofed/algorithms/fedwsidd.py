@@ -22,10 +22,17 @@ privacy claim is made), ``"noise"`` from N(0, 1) in the site's standardised spac
   step from a seeded generator -- DM's random-network embedding, i.e. a random-feature MMD, so
   more than the first moment is matched; ``embed = "identity"`` matches plain means. A is the
   identity (features have no stain).
-- image space (:func:`distil_images`): S_c are synthetic 3 x h x w patches, phi a fixed
-  encoder (models/encoders.py) and A a *differentiable* stain normaliser (histofed.stain) so
-  the gradient reaches the synthetic pixels. Implemented and tested as a library function;
-  not yet wired into a federation (no image-bag federation exists in histofed yet).
+- Image space (``space = "images"``, :func:`distil_images`): on an image-bag federation
+  (``synthetic-image-bags``, ``monuseg-organ-bags``: data/fed_image_bags.py) S_c are ipc
+  synthetic bags of nps 3 x h x w patches, phi is the federation's fixed patch encoder and A
+  its *differentiable* stain normaliser (histofed.stain, Macenko to a shared reference), so
+  the gradient reaches the synthetic pixels; the real side is every class-c patch of the
+  site (ours; the feature version draws one bag per step). The MIL models see phi(A(x)) for
+  real and synthetic patches alike. ``upload = "images"`` sends the patches (``image_dtype``
+  uint8 or float16, kind "synthetic-images"; each site encodes what it receives with the same
+  phi and A), ``upload = "features"`` their phi(A(S)) features as the reference code does
+  (kind "synthetic-bags"). The client reports the bytes of both forms (fedwsidd.jsonl:
+  ``bytes_as_images``, ``bytes_as_features``); egress.jsonl logs what was sent, by kind.
 
 **Exchange.** Round 1: pretrain the local model on real bags, distil, upload S (kind
 "synthetic-bags", float32, or float16 standardised by the synthetic set's own statistics: see
@@ -155,6 +162,35 @@ def decode_bags(arrays: dict[str, np.ndarray]) -> np.ndarray:
     return bags.astype(np.float32)
 
 
+def encode_images(images: np.ndarray, dtype: str) -> np.ndarray:
+    """Synthetic patches in [0, 1] (any shape) for the wire: uint8 (``round(255 x)``, 1 byte a
+    value, error <= 1/510) or float16 (2 bytes, error ~5e-4)."""
+    images = np.clip(np.asarray(images, np.float32), 0, 1)
+    if dtype == "uint8":
+        return np.round(images * 255).astype(np.uint8)
+    if dtype == "float16":
+        return images.astype(np.float16)
+    raise ValueError(f"image_dtype must be 'uint8' or 'float16', got {dtype!r}")
+
+
+def decode_images(arrays: dict[str, np.ndarray]) -> np.ndarray:
+    """Inverse of :func:`encode_images` (``arrays["images"]``): float32 in [0, 1]."""
+    images = arrays["images"]
+    if images.dtype == np.uint8:
+        return images.astype(np.float32) / 255.0
+    return images.astype(np.float32)
+
+
+def _image_data(ctx: ClientContext):
+    """The site's training ImageBagDataset (patches, phi, A), or a clear error."""
+    data = ctx.data.train
+    if not hasattr(data, "patches"):
+        raise ValueError(f"client {ctx.name!r}: space = 'images' needs a federation of image "
+                         "bags (synthetic-image-bags, monuseg-organ-bags), whose patches and "
+                         "encoder phi are at hand; this federation's bags are features only")
+    return data
+
+
 def mil_loss(ctx: ClientContext, model: nn.Module, bag: torch.Tensor,
              target: torch.Tensor) -> torch.Tensor:
     """Task loss of one bag (``1 x N x D``), plus the model's own auxiliary loss if it has one
@@ -180,7 +216,8 @@ def distil_images(real_by_class: list[torch.Tensor], *, ipc: int, nps: int, size
         init: "noise" (uniform in [0, 1]) or "real" (patches drawn from real_by_class).
 
     Returns:
-        ``S`` (C x ipc x nps x 3 x size x size, detached, clamped to [0, 1]) and the trainer log.
+        ``S`` (C x ipc x nps x 3 x size x size, detached, clamped to [0, 1]) and the trainer log
+        (with ``loss_first`` / ``loss_last``: mean DM loss of the first / last tenth of steps).
     """
     gen = torch.Generator().manual_seed(seed)
     k = len(real_by_class)
@@ -203,13 +240,26 @@ def distil_images(real_by_class: list[torch.Tensor], *, ipc: int, nps: int, size
     with torch.no_grad():  # phi and A are fixed: the real side is computed once
         real = [embed(r) for r in real_by_class]  # per class: P_c x E
 
+    losses: list[float] = []
+
     def step(_: int) -> torch.Tensor:
         syn_c = [embed(syn[c].reshape(ipc * nps, 3, size, size)) for c in range(k)]
-        return dm_loss(real, syn_c)
+        loss = dm_loss(real, syn_c)
+        losses.append(float(loss.detach()))
+        return loss
 
     opt = torch.optim.SGD([syn], lr=lr, momentum=momentum)
     log = optimise(steps, step, [opt], seed=seed, where=where_)
+    log.update(_first_last(losses))
     return syn.detach().clamp(0, 1), log
+
+
+def _first_last(losses: list[float]) -> dict[str, float]:
+    """Mean loss of the first and of the last tenth of the steps (none without steps)."""
+    if not losses:
+        return {}
+    k = max(1, len(losses) // 10)
+    return {"loss_first": float(np.mean(losses[:k])), "loss_last": float(np.mean(losses[-k:]))}
 
 
 # ---- the method ---------------------------------------------------------------------------------
@@ -222,7 +272,9 @@ class FedWSIDD(Algorithm):
     ("random-relu" or "identity") with ``embed_dim``, ``pool`` ("union" | "mean"),
     ``upload_dtype`` ("float16" | "float32"), ``finetune_steps`` (0: [train].local_steps),
     ``use_synthetic`` (false: nothing is distilled or sent and round 2 trains on real bags only --
-    the local-only ablation with the very same models and steps)."""
+    the local-only ablation with the very same models and steps); ``space`` ("features" |
+    "images"), ``upload`` ("features" | "images", image space only) and ``image_dtype``
+    ("uint8" | "float16") of uploaded patches."""
 
     ipc: int = option(2, ge=1, help="synthetic bags per class")
     nps: int = option(16, ge=1, help="instances per synthetic bag")
@@ -234,6 +286,11 @@ class FedWSIDD(Algorithm):
     embed_dim: int = option(256, ge=1)
     pool: str = option("union", choices=("union", "mean"))
     upload_dtype: str = option("float16", choices=("float16", "float32"))
+    space: str = option("features", choices=("features", "images"),
+                        help="distil feature bags, or image bags through phi and A")
+    upload: str = option("features", choices=("features", "images"),
+                         help="image space: send the synthetic patches or their features")
+    image_dtype: str = option("uint8", choices=("uint8", "float16"))
     finetune_steps: int = option(0, ge=0, help="round-2 steps (0: [train].local_steps)")
     use_synthetic: bool = True
 
@@ -244,6 +301,9 @@ class FedWSIDD(Algorithm):
                 f"fedwsidd communicates once and needs [run].rounds = 2 (round 1: pretrain, "
                 f"distil and upload; round 2: train on real + pooled synthetic bags), got "
                 f"{sctx.rounds}")
+        if self.upload == "images" and self.space != "images":
+            raise ConfigError('fedwsidd: upload = "images" needs space = "images" (feature-space '
+                              "distillation has no patches to send)")
         tasks = {c.task for c in sctx.clients}
         if tasks != {"mil"}:
             raise ConfigError(f"fedwsidd distils feature bags: it needs a MIL federation "
@@ -255,19 +315,25 @@ class FedWSIDD(Algorithm):
             return {c.cid: Payload(kind="none") for c in sctx.clients}
         if not self.use_synthetic:
             return {c.cid: Payload(kind="none") for c in sctx.clients}
-        synthetic = unprefixed("synthetic", state.arrays)  # sent in upload_dtype, as uploaded
-        pooled = Payload({**encode_bags(synthetic["bags"], self.upload_dtype),
-                          "labels": synthetic["labels"]}, {}, kind="synthetic-bags")
+        synthetic = unprefixed("synthetic", state.arrays)  # sent in the dtype it was uploaded in
+        if "images" in synthetic:
+            pooled = Payload({"images": encode_images(synthetic["images"], self.image_dtype),
+                              "labels": synthetic["labels"]}, {}, kind="synthetic-images")
+        else:
+            pooled = Payload({**encode_bags(synthetic["bags"], self.upload_dtype),
+                              "labels": synthetic["labels"]}, {}, kind="synthetic-bags")
         return {c.cid: pooled for c in sctx.clients}
 
     def configure_evaluate(self, sctx: ServerContext, state: Payload) -> dict[int, Payload]:
         return {c.cid: Payload(kind="none") for c in sctx.clients}
 
     def aggregate(self, sctx: ServerContext, state: Payload, results: dict[int, Payload]) -> Payload:
-        results = {c: p for c, p in results.items() if "bags" in p.arrays}
+        results = {c: p for c, p in results.items() if {"bags", "images"} & set(p.arrays)}
         if sctx.round != 1 or not results:  # round 2, or the no-exchange ablation
             return state
-        uploads = [(decode_bags(results[c].arrays), results[c].arrays["labels"])
+        key = "images" if all("images" in p.arrays for p in results.values()) else "bags"
+        decode = decode_images if key == "images" else decode_bags
+        uploads = [(decode(results[c].arrays), results[c].arrays["labels"])
                    for c in sorted(results)]
         bags, labels = pool_synthetic(uploads, self.pool)
         for c in sorted(results):
@@ -276,12 +342,16 @@ class FedWSIDD(Algorithm):
                                   "synthetic_bags": int(len(up.arrays["labels"])),
                                   "classes": sorted({int(k) for k in up.arrays["labels"]}),
                                   "upload_bytes": int(sum(a.nbytes for a in up.arrays.values())),
+                                  "upload_kind": up.kind,
+                                  **{k: int(up.scalars[k]) for k in ("bytes_as_images",
+                                                                     "bytes_as_features")
+                                     if k in up.scalars},
                                   "dm_loss_first": up.scalars.get("dm_loss_first"),
                                   "dm_loss_last": up.scalars.get("dm_loss_last")})
         sctx.log("fedwsidd", {"round": sctx.round, "pooled_bags": int(len(labels)),
                               "pool": self.pool,
                               "per_class": np.bincount(labels).tolist()})
-        return Payload(prefixed("synthetic", {"bags": bags, "labels": labels}), {}, kind="state")
+        return Payload(prefixed("synthetic", {key: bags, "labels": labels}), {}, kind="state")
 
     def final_weights(self, state: Payload) -> dict:
         return {}
@@ -317,6 +387,12 @@ class FedWSIDD(Algorithm):
         return [(x, int(y)) for x, y in items]
 
     def _received_items(self, ctx: ClientContext, payload: Payload) -> list[tuple[torch.Tensor, int]]:
+        if "images" in payload.arrays:  # M x nps x 3 x h x w -> this site's phi(A(.))
+            images = torch.from_numpy(decode_images(payload.arrays))
+            data = _image_data(ctx)
+            bags = np.stack([data.encode(b).numpy() for b in images])  # M x nps x D
+            return [(torch.from_numpy(b), int(y))
+                    for b, y in zip(bags, payload.arrays["labels"], strict=True)]
         if "bags" not in payload.arrays:
             raise ValueError(f"client {ctx.name!r}, round {ctx.round}: no pooled synthetic bags "
                              "arrived (kind 'synthetic-bags'); was round 1 aggregated?")
@@ -355,6 +431,8 @@ class FedWSIDD(Algorithm):
         for x, y in items:
             by_class.setdefault(y, []).append(x)
         classes = sorted(by_class)
+        if self.space == "images":
+            return self._distil_image_bags(ctx, classes)
         bags, dm_log = self._distil_features(ctx, by_class, classes)
         std = getattr(ctx.data.train, "standardizer", None)
         raw = bags.numpy()  # K*ipc x nps x D in this site's standardised space
@@ -368,6 +446,35 @@ class FedWSIDD(Algorithm):
                         "dm_loss_first": float(dm_log.get("loss_first", np.nan)),
                         "dm_loss_last": float(dm_log.get("loss_last", np.nan))},
                        kind="synthetic-bags")
+
+    def _distil_image_bags(self, ctx: ClientContext, classes: list[int]) -> Payload:
+        """Image-space DM through the federation's phi and A; upload patches or features."""
+        from histofed.data.fed_image_bags import to_float
+
+        data = _image_data(ctx)
+        real = [torch.cat([to_float(p) for p, y in zip(data.patches, data.labels) if y == c])
+                for c in classes]  # per class: P_c x 3 x h x w in [0, 1]
+        size = data.patch_size
+        syn, dm_log = distil_images(real, ipc=self.ipc, nps=self.nps, size=size,
+                                    encoder=data.encoder, normaliser=data.normaliser,
+                                    steps=self.dm_steps, lr=self.dm_lr, momentum=self.dm_momentum,
+                                    init=self.init, seed=ctx.seed + 3,
+                                    where_=f"{where(ctx)} (image distillation)")
+        syn = syn.reshape(len(classes) * self.ipc, self.nps, 3, size, size)  # M x nps x 3 x h x w
+        labels = np.repeat(np.asarray(classes, np.int64), self.ipc)
+        as_images = {"images": encode_images(syn.numpy(), self.image_dtype)}
+        as_features = encode_bags(np.stack([data.encode(b).numpy() for b in syn]),
+                                  self.upload_dtype)  # M x nps x D
+        sizes = {"bytes_as_images": float(sum(a.nbytes for a in as_images.values())),
+                 "bytes_as_features": float(sum(a.nbytes for a in as_features.values()))}
+        ctx.logs.update({f"dm_{k}": v for k, v in dm_log.items() if np.isscalar(v)})
+        ctx.logs["classes_distilled"] = float(len(classes))
+        arrays, kind = ((as_images, "synthetic-images") if self.upload == "images"
+                        else (as_features, "synthetic-bags"))
+        return Payload({**arrays, "labels": labels},
+                       {"num_examples": ctx.data.num_train, **sizes,
+                        "dm_loss_first": float(dm_log.get("loss_first", np.nan)),
+                        "dm_loss_last": float(dm_log.get("loss_last", np.nan))}, kind=kind)
 
     def _distil_features(self, ctx: ClientContext, by_class: dict[int, list[torch.Tensor]],
                          classes: list[int]) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -402,7 +509,5 @@ class FedWSIDD(Algorithm):
         opt = torch.optim.SGD([syn], lr=self.dm_lr, momentum=self.dm_momentum)
         log = optimise(self.dm_steps, step, [opt], seed=ctx.seed + 3,
                        where=f"{where(ctx)} (distillation)")
-        if losses:
-            k = max(1, len(losses) // 10)  # mean of the first and last tenth
-            log["loss_first"], log["loss_last"] = float(np.mean(losses[:k])), float(np.mean(losses[-k:]))
+        log.update(_first_last(losses))
         return syn.detach(), log

@@ -398,3 +398,42 @@ def write_synthetic_source(
         writer.writeheader()
         writer.writerows(rows)
     return src
+
+
+def synthetic_image_bags(
+    rng: np.random.Generator,
+    n_bags: int,
+    *,
+    n_instances: tuple[int, int] = (6, 10),
+    size: int = 16,
+    pos_fraction: float = 0.5,
+    witness_fraction: tuple[float, float] = (0.2, 0.4),
+) -> list[tuple[np.ndarray, int]]:
+    """Bags of image patches (the image twin of :func:`synthetic_bags`): a bag is positive iff
+    it holds witness patches.
+
+    Patches come from :func:`synthetic_patches` with two classes: negative bags hold class-0
+    patches only (small nucleus), positive bags also 20-40 % (at least one) class-1 patches
+    (larger nucleus).
+
+    Returns:
+        List of (patches n_i x size x size x 3 uint8, label in {0, 1}).
+    """
+    if not 0.0 <= pos_fraction <= 1.0:
+        raise ValueError(f"pos_fraction must be in [0, 1], got {pos_fraction}")
+    if n_instances[0] < 1 or n_instances[1] < n_instances[0]:
+        raise ValueError(f"n_instances must be (low >= 1, high >= low), got {n_instances}")
+    n_pos = int(round(pos_fraction * n_bags))
+    labels = rng.permutation(np.r_[np.ones(n_pos, int), np.zeros(n_bags - n_pos, int)])
+    bags = []
+    for label in labels:
+        n = int(rng.integers(n_instances[0], n_instances[1] + 1))
+        k = max(1, int(round(rng.uniform(*witness_fraction) * n))) if label else 0
+        neg, _ = synthetic_patches(rng, n - k, num_classes=2, size=size, class_probs=[1, 0])
+        parts = [neg]
+        if k:
+            parts.append(synthetic_patches(rng, k, num_classes=2, size=size,
+                                           class_probs=[0, 1])[0])
+        patches = np.concatenate(parts)[rng.permutation(n)]  # n x size x size x 3
+        bags.append((patches, int(label)))
+    return bags

@@ -3,6 +3,8 @@ gated ABMIL (Ilse et al. 2018), CLAM-SB (Lu et al. 2021) and a small TransMIL (S
 
 Every model maps ``B x N x D`` to ``B x C`` logits. A model with an extra training term (CLAM's
 instance clustering loss) exposes ``auxiliary_loss(target)`` computed from its last forward.
+Every model also gives per-instance attention, ``instance_attention(bag)``: ``N x D`` (or
+``1 x N x D``) -> ``N`` non-negative scores (the heatmaps of ``histofed slides heatmap``).
 """
 
 from __future__ import annotations
@@ -41,6 +43,21 @@ class GatedABMIL(nn.Module):
     def forward(self, bag: torch.Tensor) -> torch.Tensor:  # B x N x D -> B x C
         a, h = self.attention(bag)
         return self.head((a * h).sum(dim=1))
+
+    @torch.no_grad()
+    def instance_attention(self, bag: torch.Tensor) -> torch.Tensor:
+        """The pooling weights a_i of one bag: ``N x D`` or ``1 x N x D`` -> ``N`` (sum 1)."""
+        return self.attention(_one_bag(bag))[0][0, :, 0]
+
+
+def _one_bag(bag: torch.Tensor) -> torch.Tensor:
+    """``N x D`` or ``1 x N x D`` -> ``1 x N x D`` (attention maps are per bag)."""
+    if bag.dim() == 2:
+        bag = bag[None]
+    if bag.dim() != 3 or bag.shape[0] != 1:
+        raise ValueError(f"instance attention needs one bag (N x D or 1 x N x D), got "
+                         f"{tuple(bag.shape)}")
+    return bag
 
 
 def _instance_ce(logits: torch.Tensor, label: int) -> torch.Tensor:
@@ -124,6 +141,12 @@ class _Block(nn.Module):
         x = x + self.attn(y, y, y, need_weights=False)[0]
         return x + self.mlp(self.norm2(x))
 
+    def cls_attention(self, x: torch.Tensor) -> torch.Tensor:  # B x T x H -> B x (T - 1)
+        """Softmax attention of the first (class) token to the other tokens, mean over heads."""
+        y = self.norm1(x)
+        weights = self.attn(y, y, y, need_weights=True, average_attn_weights=True)[1]  # B x T x T
+        return weights[:, 0, 1:]
+
 
 class _PPEG(nn.Module):
     """TransMIL's pyramid position encoding: depthwise 7/5/3 convolutions over the tokens laid
@@ -167,6 +190,23 @@ class TransMILLite(nn.Module):
         self.head = nn.Linear(hidden, num_classes)
 
     def forward(self, bag: torch.Tensor) -> torch.Tensor:  # B x N x D -> B x C
+        return self._run(bag)[0]
+
+    @torch.no_grad()
+    def instance_attention(self, bag: torch.Tensor) -> torch.Tensor:
+        """Attention of the class token to each instance in the *last* transformer block
+        (mean over heads), ``N x D`` or ``1 x N x D`` -> ``N``. The attention a padding token
+        (a repeat of instance i) receives is added to instance i's; the class token's attention
+        to itself is left out, so the scores sum to at most 1. (A choice of ours: TransMIL's
+        authors show no heatmaps; attention rollout over all blocks is an alternative.)"""
+        bag = _one_bag(bag)
+        n = bag.shape[1]
+        cls = self._run(bag, want_attention=True)[1][0]  # s^2 (padded tokens included)
+        owner = torch.arange(len(cls)) % n  # padding token n + j repeats instance j mod n
+        return torch.zeros(n, dtype=cls.dtype).index_add_(0, owner, cls)
+
+    def _run(self, bag: torch.Tensor, want_attention: bool = False
+             ) -> tuple[torch.Tensor, torch.Tensor | None]:
         h = self.embed(bag)  # B x N x H
         n = h.shape[1]
         side = max(1, int(math.ceil(math.sqrt(n))))
@@ -174,7 +214,12 @@ class TransMILLite(nn.Module):
             reps = -(-(side * side - n) // n)
             h = torch.cat([h, h.repeat(1, reps, 1)[:, : side * side - n]], dim=1)
         x = torch.cat([self.cls_token.expand(h.shape[0], -1, -1), h], dim=1)  # B x (1+s^2) x H
-        x = self.ppeg(self.first(x), side)
-        for block in self.rest:
+        blocks = [self.first, *self.rest]
+        attention = None
+        for i, block in enumerate(blocks):
+            if want_attention and i == len(blocks) - 1:
+                attention = block.cls_attention(x)  # B x s^2
             x = block(x)
-        return self.head(self.norm(x[:, 0]))
+            if i == 0:
+                x = self.ppeg(x, side)
+        return self.head(self.norm(x[:, 0])), attention
