@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 
 import numpy as np
 import pytest
@@ -113,9 +112,8 @@ def test_crchisto_counts_match_readme_and_nuclei_are_dark(shared_data):
     labels = np.concatenate([im.labels for im in images])
     # shared/data/README.md, crchisto table: all = 7722 / 5712 / 6971 / 2039
     assert np.bincount(labels).tolist() == [7722, 5712, 6971, 2039]
-    t = time.perf_counter()
-    splits = patches_by_split(images, size=32)
-    assert time.perf_counter() - t < 5.0  # measured ~0.25 s for all 22,444 patches
+    splits = patches_by_split(images, size=32)  # ~0.25 s for all 22,444 patches (no timing
+    # assertion here: a busy machine makes one flaky; speed belongs in benchmarks/)
     assert {k: len(v[1]) for k, v in splits.items()} == {
         "train": 15533,
         "validation": 2268,
