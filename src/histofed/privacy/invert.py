@@ -41,6 +41,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -302,6 +303,21 @@ def image_scores(original: np.ndarray, recon: np.ndarray) -> dict[str, float]:
 def flat_baseline(original: np.ndarray) -> np.ndarray:
     """The image's own mean colour everywhere: what "learning nothing but the colour" scores."""
     return np.broadcast_to(original.mean(axis=(0, 1), keepdims=True), original.shape).copy()
+
+
+def run_start_weights(run_dir: Path | None) -> tuple[dict[str, np.ndarray], str]:
+    """The global weights a client of a run would start from: final, else the last
+    checkpoint's; ``({}, note)`` when the run has neither (attack the initial weights)."""
+    from histofed.engine.rundir import list_checkpoints, load_payload
+
+    if run_dir is None:
+        return {}, "initial weights (seeded)"
+    if (Path(run_dir) / "final" / "global.npz").exists():
+        return load_payload(Path(run_dir) / "final" / "global").arrays, "final global weights"
+    ckpts = list_checkpoints(Path(run_dir))
+    if ckpts:
+        return load_payload(ckpts[-1] / "server").arrays, f"checkpoint {ckpts[-1].name}"
+    return {}, "initial weights (no checkpoint yet)"
 
 
 @dataclass(frozen=True)
