@@ -56,7 +56,8 @@ def test_audit_invert_writes_table_json_and_grid(tmp_path):
         "feddp", model={"norm": "instance"}, algorithm={"sigma": 0.05, "clip": 0.5})))
     out = tmp_path / "audit"
     res = runner.invoke(app, ["audit", "invert", str(cfg), "--tiles", "1", "--size", "16",
-                              "--iterations", "5", "--out", str(out)])
+                              "--iterations", "5", "--restarts", "2", "--known-mask",
+                              "--out", str(out)])
     assert res.exit_code == 0, res.output
     assert {p.name for p in out.iterdir()} == {"invert.md", "invert.json", "invert.png"}
     report = json.loads((out / "invert.json").read_text())
@@ -64,7 +65,10 @@ def test_audit_invert_writes_table_json_and_grid(tmp_path):
     labels = [s["defence"] for s in report["models"]["probe"]["summary"]]
     assert labels == ["none", "clip only", "clip + noise sigma=0.05"]
     assert "C = 0.5, sigma = 0.05" in report["defence_source"]
-    assert "| defence | PSNR (dB) |" in (out / "invert.md").read_text()
+    md = (out / "invert.md").read_text()
+    assert "| defence | PSNR raw (flat) | PSNR affine (flat) |" in md
+    assert "5 attack iterations x 2 restart(s)" in md and "known to the attacker" in md
+    assert len(report["models"]["run"]["rows"][0]["restart_losses"]) == 2
     assert "not a guarantee" in (out / "invert.md").read_text()
     again = runner.invoke(app, ["audit", "invert", str(cfg), "--tiles", "1", "--out", str(out)])
     assert again.exit_code == 2 and "never overwrites" in again.output

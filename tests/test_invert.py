@@ -1,5 +1,7 @@
-"""Gradient-inversion audit: hand-checked pieces, and the attack's headline behaviour on a
-small synthetic tile (succeeds undefended, still succeeds with clipping, fails with noise)."""
+"""Gradient-inversion audit: hand-checked pieces (scores, the scale-invariant affine fit,
+restart selection), and the attack's headline behaviour on small synthetic tiles (the probe:
+succeeds undefended, still succeeds with clipping, fails with noise; a norm-free UNet: the
+known-mask segmentation attack succeeds)."""
 
 import numpy as np
 import pytest
@@ -8,14 +10,19 @@ import torch.nn.functional as F
 
 from histofed.privacy.invert import (
     AttackConfig,
+    MARGIN_DB,
+    AttackConfig as _AttackConfig,
     Defence,
     ProbeLeNet,
+    affine_fit,
     audit,
     cosine_distance,
     defend,
     flat_baseline,
     image_scores,
+    invert,
     parameter_gradients,
+    pixel_correlation,
     pick_tiles,
     recover_label,
     summarize,
@@ -46,6 +53,46 @@ def test_scores_by_hand():
     assert image_scores(tile, tile)["ssim"] == pytest.approx(1.0)
     flat = flat_baseline(tile)
     np.testing.assert_allclose(flat[3, 5], tile.mean(axis=(0, 1)))
+
+
+def test_affine_scores_ignore_a_per_channel_rescaling():
+    tile = _tile(16)
+    # an exact per-channel affine copy of the tile is a perfect reconstruction after the fit
+    copy = tile * np.array([0.5, 0.2, 0.9]) + np.array([0.3, 0.1, 0.05])
+    np.testing.assert_allclose(affine_fit(tile, copy), tile, atol=1e-12)
+    assert image_scores(tile, copy)["corr"] == pytest.approx(1.0)
+    assert image_scores(tile, copy)["psnr"] < 30  # the raw score punishes the scale
+    # any reconstruction and its rescaled copy score the same after the fit
+    recon = np.clip(tile[::-1] + 0.2 * _tile(16)[:, ::-1], 0, 1)
+    scaled = recon * np.array([0.4, 0.7, 0.25]) + np.array([0.5, 0.0, 0.6])
+    a, b = image_scores(tile, recon), image_scores(tile, scaled)
+    for key in ("psnr_affine", "ssim_affine", "corr"):
+        assert a[key] == pytest.approx(b[key], rel=1e-9), key
+    # the flat guess: the fit maps any flat image to the tile's per-channel mean; corr 0
+    np.testing.assert_allclose(affine_fit(tile, np.full_like(tile, 0.7)), flat_baseline(tile))
+    flat = image_scores(tile, flat_baseline(tile))
+    assert flat["psnr_affine"] == pytest.approx(flat["psnr"]) and flat["corr"] == 0.0
+    assert pixel_correlation(tile, 1 - tile) == pytest.approx(-1.0)
+
+
+def test_restarts_are_kept_by_matching_loss(one_thread):
+    tile = _tile(8)
+    x = torch.from_numpy(tile).permute(2, 0, 1)[None].float()
+    net = ProbeLeNet(size=8, generator=torch.Generator().manual_seed(0))
+    observed = parameter_gradients(net, x, torch.tensor([1]), F.cross_entropy)
+    cfg = _AttackConfig(iterations=15, restarts=3)
+    inv = invert(net, observed, tuple(x.shape), task="classification", cfg=cfg,
+                 generator=torch.Generator().manual_seed(0))
+    assert len(inv.restart_losses) == 3 and len(set(inv.restart_losses)) == 3
+    assert inv.loss == min(inv.restart_losses)
+    # the kept image's own objective is the reported one (the attacker's criterion)
+    grads = parameter_gradients(net, inv.image, torch.tensor([1]), F.cross_entropy)
+    recomputed = float(cosine_distance(grads, observed) + cfg.tv_weight * total_variation(
+        inv.image))
+    assert recomputed == pytest.approx(inv.loss, rel=1e-5)
+    with pytest.raises(ValueError, match="known_target needs the true mask"):
+        invert(net, observed, tuple(x.shape), task="segmentation",
+               cfg=_AttackConfig(known_target=True), generator=torch.Generator())
 
 
 def test_idlg_recovers_the_label():
@@ -86,6 +133,7 @@ def test_attack_succeeds_without_noise_and_fails_with_it(one_thread):
     assert by["none"]["psnr"] > max(20.0, flat + 5)  # the attack works
     assert by["clip only"]["psnr"] > flat + 5  # clipping alone does not defend
     assert by["noise"]["psnr"] < flat and not by["noise"]["beats_flat"]  # noise does
+    assert by["none"]["corr"] > 0.8 and abs(by["noise"]["corr"]) < 0.3
     assert all(r["label_recovered"] for r in rows)
     assert recons[0][0].shape == (16, 16, 3)
 
@@ -99,3 +147,20 @@ def test_pick_tiles_takes_the_most_textured_crop():
     assert all(t.std() > 0.05 for t in tiles)  # never the flat black background
     with pytest.raises(ValueError, match="smaller than the 128 tile"):
         pick_tiles([img], [img[..., 0]], n=1, size=128, rng=np.random.default_rng(0))
+
+
+def test_segmentation_attack_succeeds_on_a_norm_free_unet(one_thread):
+    """The known-mask attacker (the mask is the label) on a norm-free UNet rebuilds a 16 x 16
+    tile well beyond the flat-colour guess under the scale-invariant scores."""
+    from histofed.models.unet import build_unet
+
+    tile = _tile(16)
+    torch.manual_seed(0)
+    net = build_unet(channels=(16, 32, 64), norm="none", num_res_units=0)
+    assert not any("norm" in type(m).__name__.lower() for m in net.modules())
+    cfg = _AttackConfig(iterations=150, tv_weight=0.05, known_target=True)
+    rows, _ = audit(net, [tile], [(tile[..., 0] > 0.5).astype(float)], [Defence("none")],
+                    task="segmentation", cfg=cfg, seed=0)
+    (s,) = summarize(rows)
+    assert s["beats_flat"] and s["psnr_affine"] > s["flat_psnr_affine"] + 3 * MARGIN_DB
+    assert s["corr"] > 0.6 and s["ssim_affine"] > s["flat_ssim_affine"] + 0.3

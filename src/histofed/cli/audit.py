@@ -36,20 +36,6 @@ def _load_target(target: Path):
     return load_config(target), None
 
 
-def _run_weights(run_dir: Path | None) -> tuple[dict[str, np.ndarray], str]:
-    """The global weights a client would start from: final, else the last checkpoint."""
-    from histofed.engine.rundir import list_checkpoints, load_payload
-
-    if run_dir is None:
-        return {}, "initial weights (seeded)"
-    if (run_dir / "final" / "global.npz").exists():
-        return load_payload(run_dir / "final" / "global").arrays, "final global weights"
-    ckpts = list_checkpoints(run_dir)
-    if ckpts:
-        return load_payload(ckpts[-1] / "server").arrays, f"checkpoint {ckpts[-1].name}"
-    return {}, "initial weights (no checkpoint yet)"
-
-
 def _defences(config, clip: float | None, sigma: float | None) -> tuple[list, str]:
     """Columns of the audit and a sentence saying where the defence came from."""
     from histofed.algorithms import build_algorithm
@@ -103,12 +89,16 @@ def _grid_png(path: Path, tiles: list[np.ndarray],
 
 
 def _markdown(info: dict[str, Any], parts: dict[str, dict]) -> str:
+    from histofed.privacy.invert import MARGIN_DB
     from histofed.report import PRIVACY_NOTE
 
     lines = ["# Gradient-inversion audit", "",
              f"Target: `{info['target']}` ({info['weights']}); client {info['client']!r}; "
              f"{info['tiles']} textured {info['size']} x {info['size']} tiles; "
-             f"{info['iterations']} attack iterations; seed {info['seed']}.", "",
+             f"{info['iterations']} attack iterations x {info['restarts']} restart(s) (kept by "
+             "the attacker's gradient-matching loss); segmentation mask "
+             f"{'known to the attacker' if info['known_mask'] else 'optimised jointly'}; "
+             f"seed {info['seed']}.", "",
              f"Defence: {info['defence_source']}.", "",
              "Threat model: an honest-but-curious server sees one client update made of one "
              "gradient step on one tile, at the clipping bound (the case most favourable to the "
@@ -116,15 +106,21 @@ def _markdown(info: dict[str, Any], parts: dict[str, dict]) -> str:
              "sees only the clipped update ('clip only').", ""]
     for name, part in parts.items():
         lines += [f"## {name}: {part['model']} ({part['params']} parameters)", "",
-                  "| defence | PSNR (dB) | SSIM | flat-colour PSNR | flat-colour SSIM | "
-                  "beats flat |",
-                  "|---|---|---|---|---|---|"]
+                  "| defence | PSNR raw (flat) | PSNR affine (flat) | SSIM affine (flat) | "
+                  "pixel corr. | cosine dist. | beats flat |",
+                  "|---|---|---|---|---|---|---|"]
         for s in part["summary"]:
-            lines.append(f"| {s['defence']} | {s['psnr']:.2f} | {s['ssim']:.3f} | "
-                         f"{s['flat_psnr']:.2f} | {s['flat_ssim']:.3f} | "
+            lines.append(f"| {s['defence']} | {s['psnr']:.2f} ({s['flat_psnr']:.2f}) | "
+                         f"{s['psnr_affine']:.2f} ({s['flat_psnr_affine']:.2f}) | "
+                         f"{s['ssim_affine']:.3f} ({s['flat_ssim_affine']:.3f}) | "
+                         f"{s['corr']:.2f} | {s['cosine_distance']:.3f} | "
                          f"{'yes' if s['beats_flat'] else 'no'} |")
         lines.append("")
-    lines += ["A reconstruction that does not beat the flat-colour image has learnt nothing "
+    lines += ["Affine = after a per-channel least-squares fit a*x+b of the reconstruction onto "
+              "the original (the scale a normalised model cannot reveal is not held against "
+              "the attacker); flat = the tile's mean colour, whose affine fit is itself and "
+              f"whose correlation is 0. Beats flat: affine PSNR >= flat + {MARGIN_DB:g} dB. A "
+              "reconstruction that does not beat the flat-colour image has learnt nothing "
               "beyond the mean colour.", "", PRIVACY_NOTE, ""]
     return "\n".join(lines)
 
@@ -139,6 +135,11 @@ def invert(
     tiles: Annotated[int, typer.Option(help="Number of tiles.")] = 3,
     size: Annotated[int, typer.Option(help="Tile side in pixels.")] = 32,
     iterations: Annotated[int, typer.Option(help="Attack iterations (Adam steps).")] = 500,
+    restarts: Annotated[int, typer.Option(
+        help="Random restarts; the attacker keeps the lowest gradient-matching loss.")] = 1,
+    known_mask: Annotated[bool, typer.Option(
+        help="Give the attacker the tile's mask (segmentation; it optimises the image only).")
+    ] = False,
     model: Annotated[str, typer.Option(
         help="probe (DLG's LeNet), run (the run's architecture) or both.")] = "both",
     clip: Annotated[Optional[float], typer.Option(help="Override the defence's C.")] = None,
@@ -155,21 +156,24 @@ def invert(
       histofed audit invert runs/20261123-101500-feddp-nuclei --data-root ../shared/data
       histofed audit invert configs/feddp-nuclei.toml --sigma 0.01 --clip 0.5 --tiles 4
 
-    Reports PSNR and SSIM of each reconstruction against the original tile and against a flat
-    image of the tile's mean colour, and writes a PNG grid.
+    Reports raw PSNR, PSNR and SSIM after a per-channel affine fit, and pixel correlation of each
+    reconstruction against the original tile, each beside a flat image of the tile's mean
+    colour, and writes a PNG grid.
     """
     import torch
 
     from histofed.engine import data_root_from, load_federation
     from histofed.engine.rundir import new_run_dir
-    from histofed.privacy.invert import AttackConfig, ProbeLeNet, audit, pick_tiles, summarize
+    from histofed.privacy.invert import (AttackConfig, ProbeLeNet, audit, pick_tiles,
+                                         run_start_weights, summarize)
     from histofed.report_plots import write_text
 
     torch.set_num_threads(1)  # tiny models: one thread is fastest and leaves cores to others
     if model not in ("probe", "run", "both"):
         raise typer.BadParameter(f"--model {model!r}: choose probe, run or both")
-    if tiles < 1 or size < 8 or iterations < 1:
-        raise typer.BadParameter("--tiles and --iterations must be >= 1 and --size >= 8")
+    if tiles < 1 or size < 8 or iterations < 1 or restarts < 1:
+        raise typer.BadParameter("--tiles, --iterations and --restarts must be >= 1 and "
+                                 "--size >= 8")
     config, run_dir = _load_target(target)
     if data_root is None and run_dir is not None and (run_dir / "run.json").exists():
         saved = json.loads((run_dir / "run.json").read_text()).get("data_root")
@@ -191,10 +195,10 @@ def invert(
     defences, source = _defences(config, clip, sigma)
     out = new_run_dir(out or (run_dir / "audit-invert" if run_dir else
                               Path(f"audit-invert-{config.run.name}")), "audit")
-    cfg = AttackConfig(iterations=iterations)
+    cfg = AttackConfig(iterations=iterations, restarts=restarts, known_target=known_mask)
     parts: dict[str, dict] = {}
     columns: list[tuple[str, list[np.ndarray]]] = []
-    weights, weights_note = _run_weights(run_dir)
+    weights, weights_note = run_start_weights(run_dir)
     if model in ("probe", "both"):
         probe = ProbeLeNet(size=size, generator=torch.Generator().manual_seed(seed))
         rows, recons = audit(probe, picked, masks, defences, task="classification", cfg=cfg,
@@ -217,7 +221,8 @@ def invert(
                         "summary": summarize(rows), "rows": rows}
         columns += [(f"run: {d.label}", [r[j] for r in recons]) for j, d in enumerate(defences)]
     info = {"target": str(target), "weights": weights_note, "client": data.name, "tiles": tiles,
-            "size": size, "iterations": iterations, "seed": seed, "defence_source": source}
+            "size": size, "iterations": iterations, "restarts": restarts,
+            "known_mask": known_mask, "seed": seed, "defence_source": source}
     write_text(out / "invert.json", json.dumps({**info, "models": parts}, indent=2))
     write_text(out / "invert.md", _markdown(info, parts))
     _grid_png(out / "invert.png", picked, columns)

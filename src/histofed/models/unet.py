@@ -2,7 +2,8 @@
 
 ``norm`` is explicit because federated methods treat norm layers differently: "group" (the
 default: no running statistics, so nothing data-dependent is averaged across hospitals; FedSODA's
-reference code; what DP-SGD needs), "instance", "batch" (FedBN keeps these local). Measured on
+reference code; what DP-SGD needs), "instance", "batch" (FedBN keeps these local), "none" (no norm layers: the classical UNet; the
+gradient-inversion audit's norm-free control, privacy/invert.py). Measured on
 real nuclei data with a held-out hospital (benchmarks/results/defaults.md), BatchNorm made
 FedAvg's global model markedly worse on every split.
 """
@@ -19,7 +20,8 @@ from histofed.models.registry import register_model
 
 # "group": built with 1 group (valid for any width, including MONAI's 1-channel output
 # unit), then every GroupNorm gets gcd(8, C) groups, i.e. 8 wherever C allows.
-_NORMS = {"batch": "batch", "instance": "instance", "group": ("group", {"num_groups": 1})}
+_NORMS = {"batch": "batch", "instance": "instance", "group": ("group", {"num_groups": 1}),
+          "none": None}
 _GROUPS = 8
 
 
