@@ -48,28 +48,40 @@ class LocalGrid:
                                           **({} if pid is None else {"partition-id": pid})})
             for i, pid in enumerate(partition_ids)}
         self.log: list[tuple[str, str, RecordDict]] = []  # (direction, message type, content)
+        self.pending: dict[str, Message] = {}  # pushed, not yet pulled (by message id)
 
     def get_node_ids(self):
         return list(self.contexts)
 
-    def send_and_receive(self, messages, *, timeout=None):
-        replies = []
+    def push_messages(self, messages):
+        ids = []
         for sent in messages:
-            node, kind = sent.metadata.dst_node_id, sent.metadata.message_type
-            msg = Message(_wire(sent.content), dst_node_id=node, message_type=kind)
-            self.log.append(("down", kind, msg.content))
-            ctx = self.contexts[node]
-            try:
-                reply = F.client_app(msg, ctx)
-            except Exception as err:  # what Flower's runtimes do with a ClientApp exception
-                replies.append(Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
-                                             f"{type(err).__name__}: {err}"), reply_to=msg))
-                continue
-            ctx.state = _wire(ctx.state)  # the node's state is serialised between messages too
-            reply = Message(_wire(reply.content), reply_to=msg)
-            self.log.append(("up", kind, reply.content))
-            replies.append(reply)
-        return replies
+            ids.append(f"m{len(self.pending) + len(self.log)}-{id(sent)}")
+            self.pending[ids[-1]] = sent
+        return ids
+
+    def pull_messages(self, message_ids):
+        return [self._deliver(self.pending.pop(mid), mid) for mid in list(message_ids)
+                if mid in self.pending]
+
+    def send_and_receive(self, messages, *, timeout=None):
+        return self.pull_messages(self.push_messages(messages))
+
+    def _deliver(self, sent, message_id):
+        node, kind = sent.metadata.dst_node_id, sent.metadata.message_type
+        msg = Message(_wire(sent.content), dst_node_id=node, message_type=kind)
+        msg.metadata.__dict__["_message_id"] = message_id  # as the SuperLink sets it
+        self.log.append(("down", kind, msg.content))
+        ctx = self.contexts[node]
+        try:
+            reply = F.client_app(msg, ctx)
+        except Exception as err:  # what Flower's runtimes do with a ClientApp exception
+            return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                                 f"{type(err).__name__}: {err}"), reply_to=msg)
+        ctx.state = _wire(ctx.state)  # the node's state is serialised between messages too
+        reply = Message(_wire(reply.content), reply_to=msg)
+        self.log.append(("up", kind, reply.content))
+        return reply
 
 
 def _serve(cfg, run_dir, grid=None, **spec):

@@ -205,11 +205,27 @@ class FlowerTransport:
             results.append(result)
         return results
 
+    poll_seconds = 0.1  # between pulls of replies in _exchange
+
     def _exchange(self, messages: list[Message], labels: dict[int, str],
                   desc: str) -> dict[int, Message]:
-        """send_and_receive; replies by node id. Flower errors and missing replies -> RunError."""
-        replies = {m.metadata.src_node_id: m
-                   for m in self.grid.send_and_receive(messages, timeout=self.timeout)}
+        """Push the messages, pull the replies; replies by node id. Flower errors and missing
+        replies -> RunError.
+
+        Polls with ``Grid.push_messages``/``pull_messages`` every ``poll_seconds``, where
+        ``Grid.send_and_receive`` sleeps a fixed 3 s between pulls (Flower 1.42), which a
+        deployment pays on every exchange (issue 13: per-round overhead).
+        """
+        pending = set(self.grid.push_messages(messages))
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        replies: dict[int, Message] = {}
+        while pending:
+            for reply in self.grid.pull_messages(pending):
+                pending.discard(reply.metadata.reply_to_message_id)
+                replies[reply.metadata.src_node_id] = reply
+            if not pending or (deadline is not None and time.monotonic() >= deadline):
+                break
+            time.sleep(self.poll_seconds)
         missing = [labels[m.metadata.dst_node_id] for m in messages
                    if m.metadata.dst_node_id not in replies]
         if missing:
