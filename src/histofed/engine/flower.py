@@ -410,19 +410,32 @@ client_app = ClientApp()
 
 @client_app.query()
 def client_handshake(msg: Message, context: Context) -> Message:
-    """Learn the run (config, data root), answer with this node's partition-id."""
+    """Learn the run (config, data root), answer with this node's partition-id.
+
+    A node names its client with ``--node-config "site=NAME"`` (a client name of the
+    federation, as a deployment does) or ``"partition-id=K"`` (its index, as the simulation
+    does); ``site`` wins when both are set.
+    """
+    site = context.node_config.get("site")
     pid = context.node_config.get("partition-id")
-    if pid is None or not str(pid).lstrip("-").isdigit():
-        raise ValueError(f"this SuperNode's node config has partition-id={pid!r}; start it with "
-                         "--node-config \"partition-id=K\" (K = the client's index, 0-based)")
+    if site is None and (pid is None or not str(pid).lstrip("-").isdigit()):
+        raise ValueError(f"this SuperNode's node config has partition-id={pid!r} and no site; "
+                         "start it with --node-config \"site=NAME\" (the client's name in the "
+                         "federation) or \"partition-id=K\" (its index, 0-based)")
     run = msg.content[RUN]
     data_root = str(context.node_config.get("data-root", "") or run["data-root"]
                     or os.environ.get("HISTOFED_DATA", ""))
+    runtime = client_runtime(str(run["config"]), data_root)  # data problems surface now
+    names = runtime.federation.client_names
+    if site is not None:
+        if str(site) not in names:
+            raise ValueError(f"this SuperNode's site={site!r} is not a client of federation "
+                             f"{runtime.config.federation.name!r} as this config defines it; "
+                             f"valid site names: {', '.join(names)}")
+        pid = names.index(str(site))
     context.state[RUN] = ConfigRecord({"config": str(run["config"]),
                                        "config-sha": str(run["config-sha"]),
                                        "data-root": data_root, "cid": int(pid)})
-    runtime = client_runtime(str(run["config"]), data_root)  # data problems surface now
-    names = runtime.federation.client_names
     reply = RecordDict()
     record = {"partition-id": int(pid), "num-clients": len(names), "client-names": names}
     if 0 <= int(pid) < len(names):  # this site's roster entry: what it tells the coordinator
