@@ -87,9 +87,8 @@ def keys(
     \b
     Example:
       histofed deploy keys keys --site synthetic-0 --site synthetic-1 --site synthetic-2
-    <site>.key stays at the site (histofed deploy supernode --key); the coordinator registers
-    <site>.pub (histofed deploy superlink --register keys/synthetic-0.pub, or histofed deploy
-    register).
+    <site>.key stays at the site (the supernode command's --key); the coordinator registers
+    <site>.pub (the superlink command's --register, or the register command).
     """
     from histofed.engine.deploy_security import make_node_key
 
@@ -102,7 +101,7 @@ def keys(
 @_deploy_errors
 def superlink(
     certs: Annotated[Optional[Path], typer.Option(
-        help="Folder with ca.crt, server.pem, server.key (histofed deploy certs).")] = None,
+        help="Folder with ca.crt, server.pem, server.key (made by the certs command).")] = None,
     register: Annotated[list[Path], typer.Option(
         help="A SuperNode public key (<site>.pub) to register once it runs (repeat).")] = [],  # noqa: B006
     host: Annotated[str, typer.Option(help="Listen address; 0.0.0.0 to accept other machines.")] = "127.0.0.1",
