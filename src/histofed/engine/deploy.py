@@ -142,9 +142,12 @@ def register(state: Path, public_key: Path, *, site: str | None = None) -> int:
 def start_supernode(state: Path, *, site: str, superlink: str, data_root: Path | None = None,
                     ca: Path | None = None, key: Path | None = None, insecure: bool = False,
                     runtime_port: int = NODE_RUNTIME_PORT, node_config: str = "",
-                    timeout: float = 120.0) -> list[Proc]:
+                    isolation: str = "process", timeout: float = 120.0) -> list[Proc]:
     """Start one site's ``flower-supernode --isolation process`` and its long-lived ClientApp
     worker; returns both once the SuperLink has accepted the node.
+
+    ``isolation="subprocess"`` is Flower's default instead (a new ``flwr-clientapp`` process
+    per message, no worker); kept to measure what the worker saves.
 
     Raises:
         DeployError: missing CA/key (unless insecure), or the SuperLink refused the node
@@ -161,25 +164,27 @@ def start_supernode(state: Path, *, site: str, superlink: str, data_root: Path |
     if data_root is not None:
         config += f" data-root={_toml_str(Path(data_root).resolve())}"
     config += f" {node_config}" if node_config else ""
-    cmd = [program("flower-supernode"), "--superlink", superlink, "--isolation", "process",
+    cmd = [program("flower-supernode"), "--superlink", superlink, "--isolation", isolation,
            "--host", "127.0.0.1", "--port", str(runtime_port), "--node-config", config,
            "--max-retries", "10"]
     cmd += ["--insecure"] if insecure else ["--root-certificates", str(Path(ca).resolve()),
                                             "--auth-supernode-private-key",
                                             str(Path(key).resolve())]
     env = flower_env(state)
-    node = start_process(state, f"supernode-{site}", cmd, env)
-    worker = start_process(state, f"clientapp-{site}", [
-        sys.executable, "-m", "histofed.engine.deploy_worker", "--runtime-api-address",
-        f"127.0.0.1:{runtime_port}", "--insecure", "--parent-pid", str(node.pid)], env)
+    procs = [start_process(state, f"supernode-{site}", cmd, env)]
+    if isolation == "process":
+        procs.append(start_process(state, f"clientapp-{site}", [
+            sys.executable, "-m", "histofed.engine.deploy_worker", "--runtime-api-address",
+            f"127.0.0.1:{runtime_port}", "--insecure", "--parent-pid", str(procs[0].pid)], env))
+    log = Path(procs[0].log)
     try:
-        _wait_for(node, lambda: "SuperNode ID:" in Path(node.log).read_text(errors="replace"),
+        _wait_for(procs[0], lambda: "SuperNode ID:" in log.read_text(errors="replace"),
                   "connect to the SuperLink (is its key registered?)", timeout)
     except DeployError:
-        for proc in (worker, node):
+        for proc in reversed(procs):
             stop_process(state, proc.name)
         raise
-    return [node, worker]
+    return procs
 
 
 def run_command(config: Path | None, run_dir: Path, *, app: Path | None = None,
