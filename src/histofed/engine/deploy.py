@@ -221,6 +221,7 @@ def run(state: Path, config: Path | None, run_dir: Path, *, echo=None, **kwargs)
             env=flower_env(state)) as child:
         for line in child.stdout:
             out.write(line)
+            out.flush()
             lines.append(line)
             if echo:
                 echo(line.rstrip("\n"))
