@@ -73,10 +73,13 @@ def run_task(address: str, token: str, insecure: bool, root_cert: bytes | None) 
     heartbeat.start()
     context, message, reply = None, None, None
     status, details = SubStatus.FAILED, "ClientApp task failed"
+    marks = [time.monotonic()]  # phase times, logged: where a slow task spends its time
     try:
         message, context, _run, fab = pull_task_input(client)
+        marks.append(time.monotonic())
         _check_app(fab.content)
         reply = F.client_app(message=message, context=context)
+        marks.append(time.monotonic())
         status, details = SubStatus.COMPLETED, ""
     except Exception as ex:  # noqa: BLE001 - reported to the ServerApp, as flwr-clientapp does
         log.exception("ClientApp raised an exception")
@@ -89,9 +92,12 @@ def run_task(address: str, token: str, insecure: bool, root_cert: bytes | None) 
             if reply is not None and context is not None:
                 push_message(client, reply, context)
         finally:
+            marks.append(time.monotonic())
             push_task_output(client=client, context=context, sub_status=status, details=details)
             heartbeat.stop()
             client.close()
+            steps = [f"{b - a:.2f}" for a, b in zip(marks, marks[1:])]
+            log.info("task phases (pull input, ClientApp, push reply) s: %s", " ".join(steps))
 
 
 def serve(address: str, *, insecure: bool, root_cert: bytes | None, poll: float) -> None:
