@@ -48,28 +48,51 @@ class LocalGrid:
                                           **({} if pid is None else {"partition-id": pid})})
             for i, pid in enumerate(partition_ids)}
         self.log: list[tuple[str, str, RecordDict]] = []  # (direction, message type, content)
+        self.pushed: list[Message] = []  # pushed, not yet delivered
+        self.replies: dict[str, Message] = {}  # delivered, not yet pulled (by message id)
+        self.count = 0
 
     def get_node_ids(self):
         return list(self.contexts)
 
-    def send_and_receive(self, messages, *, timeout=None):
-        replies = []
+    def push_messages(self, messages):
+        ids = []
         for sent in messages:
-            node, kind = sent.metadata.dst_node_id, sent.metadata.message_type
-            msg = Message(_wire(sent.content), dst_node_id=node, message_type=kind)
-            self.log.append(("down", kind, msg.content))
-            ctx = self.contexts[node]
-            try:
-                reply = F.client_app(msg, ctx)
-            except Exception as err:  # what Flower's runtimes do with a ClientApp exception
-                replies.append(Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
-                                             f"{type(err).__name__}: {err}"), reply_to=msg))
-                continue
-            ctx.state = _wire(ctx.state)  # the node's state is serialised between messages too
-            reply = Message(_wire(reply.content), reply_to=msg)
-            self.log.append(("up", kind, reply.content))
-            replies.append(reply)
-        return replies
+            ids.append(f"m{self.count}")
+            self.count += 1
+            sent.metadata.__dict__["_message_id"] = ids[-1]  # as a real Grid's push sets it
+            self.pushed.append(sent)
+        return ids
+
+    def pull_messages(self, message_ids):
+        if self.pushed:  # everything pushed so far is delivered together, as one batch
+            batch, self.pushed = self.pushed, []
+            for reply in self.exchange(batch):
+                self.replies[reply.metadata.reply_to_message_id] = reply
+        return [self.replies.pop(mid) for mid in list(message_ids) if mid in self.replies]
+
+    def send_and_receive(self, messages, *, timeout=None):
+        return self.pull_messages(self.push_messages(messages))
+
+    def exchange(self, messages):
+        """Deliver one batch of pushed messages; replies (test grids simulate faults here)."""
+        return [self._deliver(m, m.metadata.message_id) for m in messages]
+
+    def _deliver(self, sent, message_id):
+        node, kind = sent.metadata.dst_node_id, sent.metadata.message_type
+        msg = Message(_wire(sent.content), dst_node_id=node, message_type=kind)
+        msg.metadata.__dict__["_message_id"] = message_id  # as the SuperLink sets it
+        self.log.append(("down", kind, msg.content))
+        ctx = self.contexts[node]
+        try:
+            reply = F.client_app(msg, ctx)
+        except Exception as err:  # what Flower's runtimes do with a ClientApp exception
+            return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                                 f"{type(err).__name__}: {err}"), reply_to=msg)
+        ctx.state = _wire(ctx.state)  # the node's state is serialised between messages too
+        reply = Message(_wire(reply.content), reply_to=msg)
+        self.log.append(("up", kind, reply.content))
+        return reply
 
 
 def _serve(cfg, run_dir, grid=None, **spec):
@@ -311,16 +334,15 @@ class DyingGrid(LocalGrid):
         self.rnd, self.node, self.unreachable, self.late = rnd, node, unreachable, late
         self.waiting: dict[int, Context] = {}  # restarted nodes not yet connected
 
-    def send_and_receive(self, messages, *, timeout=None):
+    def exchange(self, messages):
         lost = [m for m in messages if m.metadata.dst_node_id == self.node and rec.JOB in
                 m.content and (m.content[rec.JOB]["round"], m.content[rec.JOB]["kind"]) ==
                 (self.rnd, "fit")]
-        replies = super().send_and_receive([m for m in messages if m not in lost], timeout=timeout)
+        replies = super().exchange([m for m in messages if m not in lost])
         if self.late:  # late, not dead: the node trains (and keeps that state), the reply is lost
-            super().send_and_receive(lost, timeout=timeout)
+            super().exchange(lost)
             return replies
         for m in lost:  # the node dies: its context (memory) is lost
-            m.metadata.__dict__["_message_id"] = m.object_id  # as a real Grid's push sets it
             if self.unreachable:
                 error = Message(Error(ErrorCode.NODE_UNAVAILABLE, "Error: Node Unavailable"),
                                 reply_to=m)
@@ -408,8 +430,8 @@ def test_a_node_restarted_between_rounds_takes_over_while_its_old_id_is_still_li
     exactly as in-process."""
 
     class RestartingGrid(LocalGrid):
-        def send_and_receive(self, messages, *, timeout=None):
-            replies = super().send_and_receive(messages, timeout=timeout)
+        def exchange(self, messages):
+            replies = super().exchange(messages)
             if {(m.content[rec.JOB]["kind"], m.content[rec.JOB]["round"])
                     for m in messages if rec.JOB in m.content} == {("evaluate", 1)}:
                 self.contexts[201] = Context(run_id=1, node_id=201, state=RecordDict(),

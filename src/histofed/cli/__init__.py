@@ -16,6 +16,7 @@ for _key, _value in {
 
 from histofed.cli import audit as _audit  # noqa: E402
 from histofed.cli import data as _data  # noqa: E402
+from histofed.cli import deploy as _deploy  # noqa: E402
 from histofed.cli import predict as _predict  # noqa: E402
 from histofed.cli import privacy as _privacy  # noqa: E402
 from histofed.cli import run as _run  # noqa: E402
@@ -36,6 +37,7 @@ app.add_typer(_data.app, name="data")
 app.add_typer(_privacy.app, name="privacy")
 app.add_typer(_audit.app, name="audit")
 app.add_typer(_slides.app, name="slides")
+app.add_typer(_deploy.app, name="deploy")
 _run.register(app)
 _predict.register(app)
 

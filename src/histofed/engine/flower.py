@@ -396,15 +396,31 @@ class FlowerTransport:
         _warn(f"{desc}: {who}; continuing with {answered} of {total} clients (min-clients = "
               f"{self.min_clients}; logged in nodes.jsonl)")
 
+    poll_seconds = 0.1  # between pulls of replies in _exchange
+
     def _exchange(self, messages: list[Message], labels: dict[int, str],
                   desc: str) -> dict[int, Message]:
-        """send_and_receive; replies by the node each message went to (a reply the SuperLink
-        writes for an unreachable node comes from the SuperLink itself). No reply: absent."""
-        received = list(self.grid.send_and_receive(messages, timeout=self.timeout))
+        """Push the messages, pull the replies every ``poll_seconds``; replies by the node each
+        message went to (a reply the SuperLink writes for an unreachable node comes from the
+        SuperLink itself). No reply within the round timeout: absent (see _check_replies).
+
+        ``Grid.send_and_receive`` sleeps a fixed 3 s between pulls (Flower 1.42), which a
+        deployment would pay on every exchange (issue 13: per-round overhead).
+        """
+        pending = set(self.grid.push_messages(messages))
         sent = {m.metadata.message_id: m.metadata.dst_node_id for m in messages
                 if m.metadata.message_id}  # set by the Grid when it pushed them
-        return {sent.get(r.metadata.reply_to_message_id) or r.metadata.src_node_id: r
-                for r in received}
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        replies: dict[int, Message] = {}
+        while pending:
+            for reply in self.grid.pull_messages(list(pending)):
+                pending.discard(reply.metadata.reply_to_message_id)
+                replies[sent.get(reply.metadata.reply_to_message_id)
+                        or reply.metadata.src_node_id] = reply
+            if not pending or (deadline is not None and time.monotonic() >= deadline):
+                break
+            time.sleep(self.poll_seconds)
+        return replies
 
     def _check_replies(self, messages: list[Message], replies: dict[int, Message],
                        labels: dict[int, str], desc: str) -> None:
@@ -649,19 +665,32 @@ client_app = ClientApp()
 
 @client_app.query()
 def client_handshake(msg: Message, context: Context) -> Message:
-    """Learn the run (config, data root), answer with this node's partition-id."""
+    """Learn the run (config, data root), answer with this node's partition-id.
+
+    A node names its client with ``--node-config "site=NAME"`` (a client name of the
+    federation, as a deployment does) or ``"partition-id=K"`` (its index, as the simulation
+    does); ``site`` wins when both are set.
+    """
+    site = context.node_config.get("site")
     pid = context.node_config.get("partition-id")
-    if pid is None or not str(pid).lstrip("-").isdigit():
-        raise ValueError(f"this SuperNode's node config has partition-id={pid!r}; start it with "
-                         "--node-config \"partition-id=K\" (K = the client's index, 0-based)")
+    if site is None and (pid is None or not str(pid).lstrip("-").isdigit()):
+        raise ValueError(f"this SuperNode's node config has partition-id={pid!r} and no site; "
+                         "start it with --node-config \"site=NAME\" (the client's name in the "
+                         "federation) or \"partition-id=K\" (its index, 0-based)")
     run = msg.content[RUN]
     data_root = str(context.node_config.get("data-root", "") or run["data-root"]
                     or os.environ.get("HISTOFED_DATA", ""))
+    runtime = client_runtime(str(run["config"]), data_root)  # data problems surface now
+    names = runtime.federation.client_names
+    if site is not None:
+        if str(site) not in names:
+            raise ValueError(f"this SuperNode's site={site!r} is not a client of federation "
+                             f"{runtime.config.federation.name!r} as this config defines it; "
+                             f"valid site names: {', '.join(names)}")
+        pid = names.index(str(site))
     context.state[RUN] = ConfigRecord({"config": str(run["config"]),
                                        "config-sha": str(run["config-sha"]),
                                        "data-root": data_root, "cid": int(pid)})
-    runtime = client_runtime(str(run["config"]), data_root)  # data problems surface now
-    names = runtime.federation.client_names
     reply = RecordDict()
     record = {"partition-id": int(pid), "num-clients": len(names), "client-names": names}
     if 0 <= int(pid) < len(names):  # this site's roster entry: what it tells the coordinator
