@@ -151,7 +151,8 @@ def inprocess(tmp_path_factory):
 def test_payload_roundtrip_keeps_keys_dtypes_values_and_kind():
     arrays = {"conv.weight": np.arange(24, dtype=np.float32).reshape(2, 3, 4) / 7,
               "bn.num": np.array(5, dtype=np.int64), "half": np.array([1.5, -2], np.float16),
-              "empty": np.zeros((0, 3)), "mask": np.array([True, False])}
+              "empty": np.zeros((0, 3)), "mask": np.array([True, False]),
+              "big-endian": np.arange(3, dtype=">i4"), "strided": np.arange(10.0)[::2]}
     scalars = {"num_examples": 12, "sigma": 0.5, "tag": "x", "flag": True, "ints": [1, 2],
                "mixed": [1, 2.5], "none": [], "nested": {"a": [1, "b"]}, "big": 2**70,
                "nan": float("nan")}
@@ -167,6 +168,13 @@ def test_payload_roundtrip_keeps_keys_dtypes_values_and_kind():
     assert back.scalars == {k: v for k, v in scalars.items() if k != "nan"}
     assert [type(back.scalars[k]) for k in ("num_examples", "sigma", "flag", "big")] == \
         [int, float, bool, int]
+    back.arrays["conv.weight"][0, 0, 0] = 99.0  # independent, writable copies
+    assert arrays["conv.weight"][0, 0, 0] == 0.0
+    # one Flower Array per payload, whatever the number of tensors: a SuperNode fetches each
+    # Array as its own object (one request each), so a UNet's ~60 tensors were ~60 requests
+    assert len(records[f"{rec.PAYLOAD}.arrays"]) == 1
+    empty = RecordDict(rec.payload_to_records(Payload({}, {}, "weights")))
+    assert rec.records_to_payload(_wire(empty)).arrays == {}
 
 
 def test_result_roundtrip_and_metrics_must_be_numbers():
