@@ -330,6 +330,21 @@ def test_handshake_errors_name_the_node_and_the_fix(pids, match):
         F.FlowerTransport(LocalGrid(pids), config_text=dump_toml(_cfg().to_dict()), node_wait=0.0)
 
 
+def test_nodes_that_build_different_federations_are_refused_naming_both():
+    class OtherDataGrid(LocalGrid):  # node 102 has other data: its federation has other sites
+        def exchange(self, messages):
+            replies = super().exchange(messages)
+            for r in replies:
+                if r.metadata.src_node_id == 102 and F.RUN in r.content:
+                    r.content[F.RUN]["client-names"] = ["a", "b", "c"]
+            return replies
+
+    with pytest.raises(RunError, match=r"disagree on the federation's sites: node 101 has "
+                                       r"\['synthetic-0'.*node 102 has \['a', 'b', 'c'\].*data-root"):
+        F.FlowerTransport(OtherDataGrid([0, 1, 2]), config_text=dump_toml(_cfg().to_dict()),
+                          node_wait=0.0)
+
+
 class DyingGrid(LocalGrid):
     """A LocalGrid in which node ``node`` dies when it gets its fit job of round ``rnd``: no
     reply (a round-timeout) or, with ``unreachable``, the SuperLink's own NODE_UNAVAILABLE

@@ -217,10 +217,18 @@ class FlowerTransport:
         node_of: dict[int, int] = {}
         roster: dict[int, ClientInfo] = {}
         names: list[str] = []
+        first_node = None
         for node in nodes:
             run = replies[node].content[RUN]
             pid = int(run["partition-id"])
-            names = [str(n) for n in run["client-names"]]
+            seen = [str(n) for n in run["client-names"]]
+            if first_node is not None and seen != names:  # different data or federation options
+                raise RunError(
+                    f"Flower nodes disagree on the federation's sites: node {first_node} has "
+                    f"{names}, node {node} has {seen}. Every SuperNode must build the same "
+                    "federation from the run's config: check each node's data-root "
+                    "(--node-config \"data-root=...\" or $HISTOFED_DATA) and histofed version")
+            names, first_node = seen, node
             if pid in node_of:
                 raise RunError(f"Flower nodes {node_of[pid]} and {node} both have partition-id "
                                f"{pid}; give every SuperNode its own --node-config partition-id")
