@@ -204,6 +204,14 @@ def test_fedmic_run_partial_participation_bytes_and_models(tmp_path):
                if k.startswith("features.0"))
     log = read_jsonl(out / "fedmic.jsonl")
     assert [r["energy"] for r in log] == pytest.approx([0.96, 0.97, 0.98])
+    # the logged rank per client and tensor accounts for every factor byte it uploaded
+    shapes = {k: list(v.shape) for k, v in student.items()}
+    sent = {(r["round"], r["client"]): r["bytes"] for r in fit_up}
+    for r in log:
+        assert len(r["up_ranks"]) == 2
+        for cid, ranks in r["up_ranks"].items():
+            assert all(ranks[k] == 0 for k in shapes if len(shapes[k]) < 2)  # 1-D: dense
+            assert compressed_nbytes(shapes, ranks) == sent[(r["round"], f"client-{cid}")]
 
 
 def _sctx(rnd: int, n: int = 2, rounds: int = 3) -> ServerContext:

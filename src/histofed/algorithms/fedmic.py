@@ -323,11 +323,15 @@ class FedMIC(Algorithm):
         for c in cids:
             scalars[f"synced_{c}"] = sctx.round  # it holds W_g^(round) and will get the factors
         up_bytes = [int(sum(a.nbytes for a in results[c].arrays.values())) for c in cids]
+        # rank each client sent per tensor (0 = dense): where the upload's bytes go
+        up_ranks = {str(c): {k: int(results[c].arrays[f"s/{k}"].size)
+                             if f"s/{k}" in results[c].arrays else 0 for k in shapes}
+                    for c in cids}
         dense_bytes = int(sum(v.nbytes for v in mean.values()))
         sctx.log("fedmic", {"round": sctx.round, "energy": energy, "clients": len(cids),
                             "up_bytes_mean": float(np.mean(up_bytes)), "dense_bytes": dense_bytes,
                             "down_bytes": int(sum(a.nbytes for a in down.values())),
-                            "down_ranks": ranks})
+                            "down_ranks": ranks, "up_ranks": up_ranks})
         return Payload({**new, **prefixed(DOWN, down)}, scalars, kind="state")
 
     def final_weights(self, state: Payload) -> dict[str, np.ndarray]:
