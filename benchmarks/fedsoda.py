@@ -72,7 +72,7 @@ ROWS: dict[str, tuple[str, dict, tuple[str, ...]]] = {
     "fedsoda": ("FedSODA = SO + DA + L_sc", {"name": "fedsoda"}, ("global",)),
     "so_da": ("SO + DA", {"name": "fedsoda", **OFF, "so": True, "da": True}, ("global",)),
     "local": ("local only (each site alone)", {"name": "local"}, ("personal",)),
-    "centralized": ("centralised (pooled data)", {"name": "centralized"}, ("personal",)),
+    "centralized": ("centralised (pooled data)", {"name": "centralized"}, ("global",)),
     "fedprox": ("FedProx (mu = 0.01)", {"name": "fedprox", "mu": 0.01}, ("global",)),
     "fedbn": ("FedBN (GroupNorm local)", {"name": "fedbn"}, ("personal",)),
     "so": ("SO", {"name": "fedsoda", **OFF, "so": True}, ("global",)),
@@ -268,7 +268,8 @@ def aggregate(runs: dict) -> tuple[list[dict], list[str]]:
             if not all(kind in runs[row][s]["models"] for s in seeds):
                 continue
             per_seed = [runs[row][s]["models"][kind] for s in seeds]
-            clients += [c for p in per_seed for c in p["clients"] if c not in clients]
+            clients += [c for c in dict.fromkeys(c for p in per_seed for c in p["clients"])
+                        if c not in clients]  # first-seen order, each site once
             delta = [] if row == "fedavg" and kind != "personal" else \
                 paired_delta(runs, row, "fedavg", kind, baseline_kind(kind))
             unseen = [p["unseen_dice"] for p in per_seed if p.get("unseen_dice") is not None]
@@ -373,7 +374,7 @@ def write_markdown(args, table: list[dict], clients: list[str], runs: dict, wall
              "reference selects on test, per client). Test Dice = mean over the sites' test tiles "
              "at that round; mean ± sample std over seeds. Δ FedAvg: paired by seed against "
              "FedAvg scored the same way (finetuned vs finetuned, otherwise FedAvg's θ_g). unseen: "
-             f"`{args.unseen}`'s Dice of θ_g (local only / FedBN / centralised: mean over the "
+             f"`{args.unseen}`'s Dice of θ_g (local only / FedBN: mean over the "
              "sites' own models) at the selected round.", "",
              "| method | model | Dice (test) | Δ FedAvg (paired) | unseen Dice | val-selected round(s) | "
              "last-round Dice | Jaccard | MB up / round | s / round (fit) |",
@@ -417,7 +418,7 @@ def write_markdown(args, table: list[dict], clients: list[str], runs: dict, wall
         ("FedBN personal − FedAvg global", "fedbn", "fedavg", "personal", "global"),
         ("local only − FedAvg global (does federation pay on the sites' own test tiles?)", "local",
          "fedavg", "personal", "global"),
-        ("centralised − FedAvg global", "centralized", "fedavg", "personal", "global"),
+        ("centralised − FedAvg (global)", "centralized", "fedavg", "global", "global"),
         ("FedDP at the paper's grid point − FedAvg (global)", "feddp_paper", "fedavg", "global", "global"),
         (f"FedDP epsilon <= {FEDDP_TARGET_EPSILON:g} − FedAvg (global)", "feddp_eps8", "fedavg",
          "global", "global"),
@@ -431,7 +432,7 @@ def write_markdown(args, table: list[dict], clients: list[str], runs: dict, wall
                          f"{args.rounds} rounds (privacy.jsonl; sigma = {sig[0]:.4g}, client level, "
                          "central noise, q = 1).")
     unseen_lines = []
-    for row, kind in (("fedavg", "global"), ("fedsoda", "global"), ("centralized", "personal"),
+    for row, kind in (("fedavg", "global"), ("fedsoda", "global"), ("centralized", "global"),
                       ("local", "personal")):
         t = _entry(table, row, kind)
         if t and t["unseen_dice"]:
