@@ -352,10 +352,13 @@ def write_markdown(args, table: list[dict], clients: list[str], runs: dict, wall
     expected = len(args.rows) * len(args.seeds)
     done = sum(len(v) for v in runs.values())
     whole = [s for s in args.seeds if all(s in runs.get(r, {}) for r in args.rows)]
+    mean_run = float(np.mean([r["run_seconds"] for d in runs.values() for r in d.values()])) / 60
     status = (f"**Complete: {done} of {expected} runs** ({len(args.rows)} rows x seeds {args.seeds})."
               if done == expected else
               f"**Partial: {done} of {expected} runs finished** (seeds complete for every row: "
-              f"{whole or 'none'}); the rest continue with the same command (below).")
+              f"{whole or 'none'}); the rest continue with the same command (below), about "
+              f"{(expected - done) * mean_run / 60:.1f} h more at the mean time per finished run "
+              f"({mean_run:.0f} min).")
     lines = [f"# FedSODA on nuclei-multisource (real H&E), held-out hospital {args.unseen}", "", status, "",
              f"**Budget.** {args.rounds} rounds x {args.steps} local steps (batch {args.batch}, crop "
              f"{args.crop}) per run, evaluated every {args.eval_every} rounds and at the last (sliding "
@@ -377,7 +380,7 @@ def write_markdown(args, table: list[dict], clients: list[str], runs: dict, wall
              f"`{args.unseen}`'s Dice of θ_g (local only / FedBN: mean over the "
              "sites' own models) at the selected round.", "",
              "| method | model | Dice (test) | Δ FedAvg (paired) | unseen Dice | val-selected round(s) | "
-             "last-round Dice | Jaccard | MB up / round | s / round (fit) |",
+             "last-round Dice | Jaccard | MB up / round | s / round (fit + after-fit scoring) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for t in table:
         mark = " †" if t["model"] == "finetuned" else ""
