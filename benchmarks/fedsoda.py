@@ -434,6 +434,14 @@ def write_markdown(args, table: list[dict], clients: list[str], runs: dict, wall
             lines.append(f"- {ROWS[row][0]}: epsilon = {max(eps):.3g} at delta = {FEDDP_DELTA:g} after "
                          f"{args.rounds} rounds (privacy.jsonl; sigma = {sig[0]:.4g}, client level, "
                          "central noise, q = 1).")
+    if "fedsoda" in runs:
+        ref = next((r for r in ("so_da", "fedavg") if r in runs), None)
+        loss = {r: [v["train_loss_last_round"] for v in runs[r].values() if "train_loss_last_round" in v]
+                for r in ("fedsoda", ref) if r}
+        if ref and loss["fedsoda"] and loss[ref]:
+            lines.append(f"- L_sc's size: last-round training loss of FedSODA (BCE + L_sc) "
+                         f"{np.mean(loss['fedsoda']):.3f} vs {ROWS[ref][0]} (BCE only) "
+                         f"{np.mean(loss[ref]):.3f}, mean over sites and seeds (metrics.jsonl, split train).")
     unseen_lines = []
     for row, kind in (("fedavg", "global"), ("fedsoda", "global"), ("centralized", "global"),
                       ("local", "personal")):
@@ -457,8 +465,9 @@ def write_markdown(args, table: list[dict], clients: list[str], runs: dict, wall
                   "| row | seeds | spread [0, 1], all rounds | spread raw 0-255, all rounds | "
                   "last round [0, 1] (mean over seeds) | last round raw (mean over seeds) |",
                   "|---|---|---|---|---|---|", *spread]
-    soda = Path(args.work) / f"so_da-seed{min(runs.get('so_da', {0: 0}))}"
-    if sizes and (soda / "fedsoda.jsonl").exists():
+    fused = next((r for r in ("so_da", "fedsoda") if r in runs), None)  # finished runs only
+    soda = Path(args.work) / f"{fused}-seed{min(runs[fused])}" if fused else None
+    if sizes and soda and (soda / "fedsoda.jsonl").exists():
         c = effective_weights(soda, 0.4)
         trained = read_jsonl(soda / "fedsoda.jsonl")[-1]["clients"]
         n = np.array([sizes[name] for name in trained], float)
