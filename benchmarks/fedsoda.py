@@ -367,7 +367,10 @@ def write_markdown(args, table: list[dict], clients: list[str], runs: dict, wall
              f"weight decay {args.weight_decay}, BCE loss (histofed's defaults, "
              "benchmarks/results/defaults.md). Sites: MoNuSeg by organ and CPM-15 (CryoNuSeg left out: "
              "partial masks), each split train/val/test (val_fraction 0.2, test_fraction 0.34); "
-             f"`{args.unseen}` never trains and all its tiles score the models.", "",
+             f"`{args.unseen}` never trains and all its tiles score the models"
+             + (" (bladder, colon, stomach: organs no training site has; the demo's and "
+                "defaults.md's held-out site, so the numbers compare)." if args.unseen == "monuseg-other"
+                else "."), "",
              "**Scoring.** Every method is scored two ways: *before local training* (the model the "
              "server sends, θ_g, or a method's personal model) and *after local training* (model "
              "`finetuned`: each site's model after the round's local steps, `[eval].after_fit`). "
