@@ -114,7 +114,10 @@ def measure(engine: str, clients: int, args) -> dict:
 
 def write_report(points: list[dict], args) -> None:
     label = {"inprocess": "histofed in-process", "flower": "Flower simulation"}
-    ref = {p["engine"]: p for p in points if p["clients"] == min(args.clients) and "error" not in p}
+    ref: dict[str, dict] = {}  # each engine's smallest finished point
+    for p in points:
+        if "error" not in p and (p["engine"] not in ref or p["clients"] < ref[p["engine"]]["clients"]):
+            ref[p["engine"]] = p
     lines = [
         "# Scale on one machine (FedAvg, synthetic federation)",
         "",
@@ -124,8 +127,7 @@ def write_report(points: list[dict], args) -> None:
         f" {_mem_gib():.0f} GiB, {platform.machine()}; other jobs may have shared it (the ratios"
         " within one engine are the robust part).",
         "",
-        f"| engine | clients | s / round | s / client-round | vs {min(args.clients)} clients |"
-        " start-up (s) |"
+        "| engine | clients | s / round | s / client-round | vs fewest clients | start-up (s) |"
         " final eval (s) | peak RSS (GiB) |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -140,9 +142,9 @@ def write_report(points: list[dict], args) -> None:
         lines.append(f"| {label[p['engine']]} | {p['clients']} | {p['s_per_round']:.2f} |"
                      f" {per:.3f} | {vs:.2f}x | {p['startup_s']:.1f} | {p['eval_s']:.1f} |"
                      f" {p['peak_rss_gib']:.2f} |")
-    lines += ["", f"\"vs {min(args.clients)} clients\": time per client-round relative to the"
-              f" same engine's {min(args.clients)}-client point (1.00x = cost grows linearly"
-              " with the clients).",
+    lines += ["", "\"vs fewest clients\": time per client-round relative to the same engine's"
+              " smallest point (1.00x = cost grows linearly with the clients). Each point's"
+              " measurement time is in scale.json (`measured`).",
               "", f"Command: `python benchmarks/scale.py {' '.join(sys.argv[1:])}`".rstrip(),
               f"Measured {time.strftime('%Y-%m-%d %H:%M')}."]
     (RESULTS / "scale.md").write_text("\n".join(lines) + "\n")
@@ -160,7 +162,8 @@ def main() -> None:
                         choices=["inprocess", "flower"])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--redo", action="store_true", help="run finished points again")
+    parser.add_argument("--redo", action="store_true",
+                        help="run the asked-for points again (others are kept)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -168,17 +171,21 @@ def main() -> None:
         return run_point(json.loads(args.child), Path(args.child_dir))
     store = RESULTS / "scale.json"
     done = {(p["engine"], p["clients"]): p for p in
-            (json.loads(store.read_text())["points"] if store.exists() and not args.redo else [])
+            (json.loads(store.read_text())["points"] if store.exists() else [])
             if "error" not in p and p.get("rounds") == args.rounds}
+    if args.redo:  # only the points asked for; the others stay in the JSON
+        done = {k: v for k, v in done.items()
+                if not (k[0] in args.engines and k[1] in args.clients)}
     for engine in args.engines:
         for clients in args.clients:
             if (engine, clients) not in done:
                 print(f"{engine}, {clients} clients ...", file=sys.stderr, flush=True)
-                done[(engine, clients)] = {**measure(engine, clients, args), "rounds": args.rounds}
+                done[(engine, clients)] = {**measure(engine, clients, args), "rounds": args.rounds,
+                                           "measured": time.strftime("%Y-%m-%d %H:%M"),
+                                           "load": os.getloadavg()[0]}
                 store.write_text(json.dumps({"points": list(done.values())}, indent=1))
     points = sorted(done.values(), key=lambda p: (p["engine"] != "inprocess", p["clients"]))
-    write_report([p for p in points if p["engine"] in args.engines and
-                  p["clients"] in args.clients], args)
+    write_report(points, args)
     print((RESULTS / "scale.md").read_text())
 
 
