@@ -291,6 +291,17 @@ def synthetic_patches(
     return images, labels
 
 
+def _bag_labels(rng: np.random.Generator, n_bags: int, pos_fraction: float,
+                n_instances: tuple[int, int]) -> np.ndarray:
+    """Shuffled bag labels, round(pos_fraction * n_bags) of them positive (checks the ranges)."""
+    if not 0.0 <= pos_fraction <= 1.0:
+        raise ValueError(f"pos_fraction must be in [0, 1], got {pos_fraction}")
+    if n_instances[0] < 1 or n_instances[1] < n_instances[0]:
+        raise ValueError(f"n_instances must be (low >= 1, high >= low), got {n_instances}")
+    n_pos = int(round(pos_fraction * n_bags))
+    return rng.permutation(np.r_[np.ones(n_pos, int), np.zeros(n_bags - n_pos, int)])
+
+
 def synthetic_bags(
     rng: np.random.Generator,
     n_bags: int,
@@ -321,12 +332,7 @@ def synthetic_bags(
         List of (features n_i x dim float32, coords n_i x 2 int64 (x, y) tile origins in
         level-0 pixels on a 256-pixel grid, label int in {0, 1}).
     """
-    if not 0.0 <= pos_fraction <= 1.0:
-        raise ValueError(f"pos_fraction must be in [0, 1], got {pos_fraction}")
-    if n_instances[0] < 1 or n_instances[1] < n_instances[0]:
-        raise ValueError(f"n_instances must be (low >= 1, high >= low), got {n_instances}")
-    n_pos = int(round(pos_fraction * n_bags))
-    labels = rng.permutation(np.r_[np.ones(n_pos, int), np.zeros(n_bags - n_pos, int)])
+    labels = _bag_labels(rng, n_bags, pos_fraction, n_instances)
     mu = np.zeros(dim, np.float32)
     mu[: min(8, dim)] = shift
     bags = []
@@ -419,12 +425,7 @@ def synthetic_image_bags(
     Returns:
         List of (patches n_i x size x size x 3 uint8, label in {0, 1}).
     """
-    if not 0.0 <= pos_fraction <= 1.0:
-        raise ValueError(f"pos_fraction must be in [0, 1], got {pos_fraction}")
-    if n_instances[0] < 1 or n_instances[1] < n_instances[0]:
-        raise ValueError(f"n_instances must be (low >= 1, high >= low), got {n_instances}")
-    n_pos = int(round(pos_fraction * n_bags))
-    labels = rng.permutation(np.r_[np.ones(n_pos, int), np.zeros(n_bags - n_pos, int)])
+    labels = _bag_labels(rng, n_bags, pos_fraction, n_instances)
     bags = []
     for label in labels:
         n = int(rng.integers(n_instances[0], n_instances[1] + 1))
