@@ -168,7 +168,7 @@ class FlowerTransport:
         self.history: dict[str, dict[str, int]] = dict(history or {})
         self.with_state: set[str] = {name for name, r in self.state_round.items() if r}
         self.dropped: set[int] = set()  # cids whose last job got no reply
-        self.retired: set[int] = set()  # node ids another node (same partition-id) replaced
+        self.retired: set[int] = set()  # node ids replaced by another (same partition-id), or no site of this run
         self.roster: list[ClientInfo] = []
         self.names: list[str] = []
         self.node_of: dict[int, int] = self._handshake(node_wait, expected, after_round)
@@ -242,6 +242,7 @@ class FlowerTransport:
                            f"partition-ids: {sorted(node_of)}")
         self.roster = [roster[cid] for cid in range(expected)]
         self.names = [c.name for c in self.roster]
+        self.retired |= set(nodes) - set(node_of.values())  # extra nodes: no site of this run
         for cid in range(expected):
             self._check_node_state(cid, node_of[cid], replies[node_of[cid]], after_round, "joined")
         return {cid: node_of[cid] for cid in range(expected)}
@@ -306,9 +307,11 @@ class FlowerTransport:
                                f"{_summary(reply.error.reason)}")
             run = reply.content[RUN]
             pid = int(run["partition-id"])
-            if not 0 <= pid < len(self.roster):
-                raise RunError(f"round {rnd}: new Flower node {node} has partition-id {pid}; this "
-                               f"run's sites have 0..{len(self.roster) - 1}")
+            if not 0 <= pid < len(self.roster):  # not one of this run's sites: leave it be
+                self.retired.add(node)
+                _warn(f"round {rnd}: Flower node {node} (partition-id {pid}) is not one of this "
+                      f"run's sites (0..{len(self.roster) - 1}); it gets no jobs")
+                continue
             old = self.node_of[pid]
             if ClientInfo.from_scalars(dict(run)) != self.roster[pid]:
                 raise RunError(f"round {rnd}: site {self.names[pid]!r} came back on node {node} "
