@@ -112,15 +112,6 @@ def test_defence_clips_to_c_and_adds_sigma_c_noise():
     assert float(noisy[0].std()) == pytest.approx(0.1, rel=0.03)  # sigma * C
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models run fastest on one thread (and do not fight other jobs for cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_attack_succeeds_without_noise_and_fails_with_it(one_thread):
     tile = _tile(16)
     probe = ProbeLeNet(size=16, generator=torch.Generator().manual_seed(0))

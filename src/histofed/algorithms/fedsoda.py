@@ -63,8 +63,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,23 +85,12 @@ from histofed.algorithms.stages import group_stages, key_stages, stage_features,
 from histofed.algorithms.training import local_train
 from histofed.algorithms.weights import get_weights, load_weights
 from histofed.config import ConfigError
+from histofed.models import one_torch_thread
 
 BANK, PERSONAL, TEACHER = "bank/", "personal/", "teacher/"  # model keys never contain "/"
 
 
 # ---- pure math (numpy / torch, no state) ------------------------------------------------------
-@contextmanager
-def one_torch_thread() -> Iterator[None]:
-    """Run torch on one thread, then restore. On a shared CPU, multi-threaded (OpenMP) inference
-    measured 20x slower than one thread here; the engine's client workers use one thread too."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
     """cos(a, b) of two flat arrays in float64; 0 when either is all zeros."""
     a, b = np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel()

@@ -79,7 +79,7 @@ class ImageBagDataset(Dataset):
 
         Runs on one torch thread (restored after): Macenko is a loop of tiny per-patch ops,
         measured 14x slower on 2 threads than on 1 on a busy 2-core machine."""
-        from histofed.algorithms.fedsoda import one_torch_thread
+        from histofed.models import one_torch_thread
 
         with one_torch_thread():
             out = [self.encoder(self.normaliser(x[i:i + self.batch_size].clamp(0, 1)).float())

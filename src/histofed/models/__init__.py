@@ -114,6 +114,19 @@ def seeded_init(seed: int | None) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Run torch on one thread, then restore. On a shared CPU, multi-threaded (OpenMP) inference
+    of small models measured 20x slower than one thread here; the engine's client workers use
+    one thread too."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def init_seed(run_seed: int, who: int | str) -> int:
     """Seed of the initial weights of client ``who`` (an index) or "global" (the shared model)."""
     key = who + 1 if isinstance(who, int) else 1_000_003 + sum(map(ord, who))  # -1: pooled
@@ -143,5 +156,5 @@ def build_model(cfg: NamedConfig | dict[str, Any], *, num_classes: int, seed: in
             raise ConfigError(f"[model] {name!r}: {err}. Check the option names in [model].") from None
 
 
-__all__ = ["MODELS", "build_model", "canonical_spec", "check_client_tables", "client_model_spec", "init_seed", "register_model",
-           "seeded_init", "shared_model_spec"]
+__all__ = ["MODELS", "build_model", "canonical_spec", "check_client_tables", "client_model_spec",
+           "init_seed", "one_torch_thread", "register_model", "seeded_init", "shared_model_spec"]
