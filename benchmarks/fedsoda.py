@@ -222,6 +222,58 @@ def effective_weights(run_dir: Path, lam: float) -> np.ndarray:
     return (lam + (1 - lam) * w.sum(axis=0)) / w.shape[0]
 
 
+def confidence_counts(prob: np.ndarray, truth: np.ndarray, threshold: float = 0.5) -> dict:
+    """Pixel counts behind the calibration diagnostic: tp, fp, fn at ``threshold``, predicted and
+    true foreground, pixels with 0.1 < p < 0.9 ("uncertain"), the summed probability on nuclei."""
+    pred, truth = prob >= threshold, truth > 0
+    return {"tp": int((pred & truth).sum()), "fp": int((pred & ~truth).sum()),
+            "fn": int((~pred & truth).sum()), "pred_fg": int(pred.sum()), "true_fg": int(truth.sum()),
+            "uncertain": int(((prob > 0.1) & (prob < 0.9)).sum()), "pixels": int(truth.size),
+            "p_on_nuclei": float(prob[truth].sum())}
+
+
+def calibration(run_dir: Path, root: Path) -> dict:
+    """How confident and how precise a run's final global model is on its sites' test tiles
+    (counts pooled over every test pixel; cached in the run directory as calibration.json)."""
+    cache = run_dir / "calibration.json"
+    if cache.exists():
+        return json.loads(cache.read_text())
+    from histofed.evaluate import client_test_sets
+    from histofed.predict import Predictor
+
+    predictor, total = Predictor(run_dir), {}
+    for source in client_test_sets(run_dir, root):
+        for image, mask in zip(source.images, source.masks, strict=True):
+            counts = confidence_counts(predictor.probabilities(np.asarray(image)), np.asarray(mask))
+            total = {k: total.get(k, 0) + v for k, v in counts.items()}
+    t = total
+    out = {"precision": t["tp"] / max(1, t["tp"] + t["fp"]), "recall": t["tp"] / max(1, t["tp"] + t["fn"]),
+           "pred_fg": t["pred_fg"] / t["pixels"], "true_fg": t["true_fg"] / t["pixels"],
+           "uncertain": t["uncertain"] / t["pixels"], "p_on_nuclei": t["p_on_nuclei"] / max(1, t["true_fg"])}
+    write_text(cache, json.dumps(out, indent=1))
+    return out
+
+
+def calibration_lines(args, root: Path, runs: dict) -> list[str]:
+    """The mechanism table for L_sc: FedAvg, SO + DA and FedSODA's final global models."""
+    rows = [r for r in ("fedavg", "so_da", "fedsoda") if r in runs]
+    if "fedsoda" not in rows:
+        return []
+    lines = ["", "## What L_sc does to the model", "",
+             "Final (last-round) global model of each seed on the sites' test tiles, pixels pooled; "
+             "mean ± sd over seeds. 'uncertain' = share of all pixels with 0.1 < p < 0.9; 'p on nuclei' = "
+             "mean probability on true nucleus pixels (computed by `calibration()` in this script, "
+             "cached as calibration.json in each run).", "",
+             "| method | seeds | precision | recall | predicted fg | true fg | uncertain | p on nuclei |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        stats = [calibration(run_dir_for(args, row, s), root) for s in sorted(runs[row])]
+        cells = [_ms([c[k] for c in stats]) for k in
+                 ("precision", "recall", "pred_fg", "true_fg", "uncertain", "p_on_nuclei")]
+        lines.append(f"| {ROWS[row][0]} | {len(stats)} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def _ms(values: list[float], scale: float = 100.0, sign: str = "") -> str:
     """mean ± sample std (ddof=1) of ``values`` x ``scale``; ``sign="+"`` shows the sign."""
     v = np.asarray(values, dtype=float) * scale
@@ -348,7 +400,7 @@ def spread_lines(runs: dict) -> list[str]:
 
 
 def write_markdown(args, table: list[dict], clients: list[str], runs: dict, wall: float,
-                   sizes: dict[str, int]) -> str:
+                   sizes: dict[str, int], mechanism: list[str] = ()) -> str:
     expected = len(args.rows) * len(args.seeds)
     done = sum(len(v) for v in runs.values())
     whole = [s for s in args.seeds if all(s in runs.get(r, {}) for r in args.rows)]
@@ -479,6 +531,7 @@ def write_markdown(args, table: list[dict], clients: list[str], runs: dict, wall
                   f"{c.min():.3f} to {c.max():.3f} (uniform = {1 / len(n):.3f}). FedAvg weights by "
                   f"training crops n_k: {n.min() / n.sum():.3f} to {n.max() / n.sum():.3f} "
                   f"({', '.join(f'{k} {sizes[k]}' for k in trained)})."]
+    lines += list(mechanism)
     lines += ["", "## Differences from the paper that remain", "",
               "- **Selection.** The reference keeps each client's checkpoint with the best *test* Dice "
               "(`model_name_max` in trainer.py); here one round per model kind is chosen on the mean "
@@ -511,7 +564,7 @@ def report(args, runs: dict, wall: float, root: Path) -> None:
     plot(table, RESULTS / "fedsoda.png")
     config = config_from_dict(make_config(args, "fedavg", min(args.seeds)))
     sizes = {c.name: c.num_train for c in load_federation(config, root).clients}
-    text = write_markdown(args, table, clients, runs, wall, sizes)
+    text = write_markdown(args, table, clients, runs, wall, sizes, calibration_lines(args, root, runs))
     write_text(RESULTS / "fedsoda.md", text)
     write_text(RESULTS / "fedsoda.json", json.dumps(
         {"args": vars(args), "runs": {r: {str(s): v for s, v in d.items()} for r, d in runs.items()},

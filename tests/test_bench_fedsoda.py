@@ -89,3 +89,14 @@ def test_verdict_needs_three_seeds_and_two_sd(bench):
     assert "higher" in bench.verdict([0.10, 0.11, 0.12])
     assert "lower" in bench.verdict([-0.10, -0.11, -0.12])
     assert "not distinguishable" in bench.verdict([0.1, -0.1, 0.05])
+
+
+def test_confidence_counts_by_hand(bench):
+    import numpy as np
+
+    prob = np.array([[0.95, 0.6], [0.3, 0.05]])
+    truth = np.array([[1, 0], [1, 0]])
+    c = bench.confidence_counts(prob, truth)
+    assert (c["tp"], c["fp"], c["fn"], c["pred_fg"], c["true_fg"]) == (1, 1, 1, 2, 2)
+    assert c["uncertain"] == 2 and c["pixels"] == 4
+    assert c["p_on_nuclei"] == pytest.approx(1.25)
