@@ -9,7 +9,7 @@ One script run measures, on this machine and at the same time of day:
 3. optionally (``--baseline``) the same deployment with Flower's default ``--isolation
    subprocess`` (a fresh ``flwr-clientapp`` process per message).
 
-The experiment is the 3-site synthetic demo of deploy/flower-app (its ``histofed-config``).
+The experiment is the 3-site synthetic demo of histofed/flower_app (its ``histofed-config``).
 Per-round time is the wall time between the ends of consecutive rounds (``timing.jsonl``),
 mean over rounds 2..N (round 1 includes first-use costs); overhead = deployment minus
 in-process, as a difference and a ratio. Start-up (SuperLink, registrations, SuperNodes) is
@@ -45,7 +45,7 @@ def demo_config(rounds: int):
     app = tomllib.loads((deploy.APP_DIR / "pyproject.toml").read_text())
     raw = tomllib.loads(app["tool"]["flwr"]["app"]["config"]["histofed-config"])
     raw["run"]["rounds"] = rounds
-    return config_from_dict(raw, source="deploy/flower-app histofed-config")
+    return config_from_dict(raw, source="histofed/flower_app histofed-config")
 
 
 def per_round(run_dir: Path) -> list[float]:
@@ -120,7 +120,7 @@ def main() -> None:
     lines = [
         "# Deployment overhead per round (Flower 1.42, localhost)",
         "",
-        f"The 3-site synthetic demo of deploy/flower-app (UNet 8-16-32, 5 local steps, batch 4, "
+        f"The 3-site synthetic demo of histofed/flower_app (UNet 8-16-32, 5 local steps, batch 4, "
         f"eval every round), {args.rounds} rounds; s/round = mean wall time of rounds 2..{args.rounds}. "
         f"Machine: {len(os.sched_getaffinity(0))} cores shared with other users "
         f"(load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} at the end), so absolute "

@@ -113,6 +113,24 @@ def test_run_command_passes_the_experiment_to_flwr_run(tmp_path):
         deploy.run_command(tmp_path / "nope.toml", tmp_path / "run")
 
 
+def test_the_flower_app_ships_inside_the_package():
+    """`histofed deploy run` must find its Flower App in a wheel install, not only in a source
+    checkout: the folder sits in the package and pyproject's package-data covers its files."""
+    import fnmatch
+    import tomllib
+    from pathlib import Path
+
+    import histofed
+
+    package = Path(histofed.__file__).parent
+    assert deploy.APP_DIR.parent == package and (deploy.APP_DIR / "pyproject.toml").is_file()
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    globs = pyproject["tool"]["setuptools"]["package-data"]["histofed"]
+    for f in deploy.APP_DIR.iterdir():
+        rel = f.relative_to(package).as_posix()
+        assert any(fnmatch.fnmatch(rel, g) for g in globs), f"{rel} is not in package-data"
+
+
 def _site_grid(sites):
     grid = LocalGrid([None] * len(sites))
     for ctx, site in zip(grid.contexts.values(), sites):

@@ -526,7 +526,7 @@ def test_deploy_app_runs_the_same_objects():
     from flwr.serverapp.server_app import LoadServerAppError
     from flwr.supercore.object_ref import load_app
 
-    app_dir = REPO / "deploy" / "flower-app"
+    app_dir = REPO / "src" / "histofed" / "flower_app"
     project = tomllib.loads((app_dir / "pyproject.toml").read_text())
     assert validate_config(project, check_module=True, project_dir=app_dir) == (True, [], [])
     components = project["tool"]["flwr"]["app"]["components"]

@@ -18,7 +18,7 @@ from histofed.config import load_config
 REPO = Path(__file__).resolve().parents[1]
 ROOT = typer.main.get_command(app)
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md")),
-        *sorted((REPO / "configs").glob("*.toml")), REPO / "deploy" / "flower-app" / "README.md"]
+        *sorted((REPO / "configs").glob("*.toml")), REPO / "src" / "histofed" / "flower_app" / "README.md"]
 # "histofed <command> ...": up to a backtick, end of line, a '#' comment or a table bar
 EXAMPLE = re.compile(r"(?<![\w/.\-\[])histofed ((?:%s)\b[^`\n#|]*)" % "|".join(ROOT.commands))
 

@@ -180,7 +180,7 @@ def run_cmd(
     resume: Annotated[bool, typer.Option(help="Continue --run-dir from its last checkpoint, with its own config.toml.")] = False,
     round_timeout: Annotated[float, typer.Option(help="Seconds to wait for one batch of replies (0 = no limit).")] = 0.0,
     node_wait: Annotated[float, typer.Option(help="Seconds to wait for the SuperNodes to connect.")] = 300.0,
-    app_dir: Annotated[Optional[Path], typer.Option("--app", help="The Flower App folder (default: deploy/flower-app of the source tree).")] = None,
+    app_dir: Annotated[Optional[Path], typer.Option("--app", help="The Flower App folder (default: the one installed with histofed, histofed/flower_app).")] = None,
     state_dir: StateDir = DEFAULT_STATE,
 ) -> None:
     """Run an experiment on the deployment (wraps flwr run) and wait until it ends.

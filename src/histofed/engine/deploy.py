@@ -45,7 +45,7 @@ from histofed.engine.deploy_security import CA_CERT, SERVER_CERT, SERVER_KEY
 CONNECTION = "histofed"  # the flwr CLI's name for our SuperLink
 SUPERLINK_PORT = 8000  # flwr.supercore.constant.SUPERLINK_UVICORN_DEFAULT_PORT
 NODE_RUNTIME_PORT = 9094  # flwr.supercore.constant.SUPERNODE_UVICORN_DEFAULT_PORT
-APP_DIR = Path(__file__).resolve().parents[3] / "deploy" / "flower-app"  # in a source checkout
+APP_DIR = Path(__file__).resolve().parents[1] / "flower_app"  # package data: works from a wheel too
 INSECURE_WARNING = ("WARNING: --insecure: TLS is off and SuperNodes are not authenticated; "
                     "anyone who can reach the port can read the model updates and join the "
                     "federation. Use it only to try histofed on one machine.")
@@ -193,8 +193,8 @@ def run_command(config: Path | None, run_dir: Path, *, app: Path | None = None,
     """The ``flwr run`` command line for an experiment TOML (the same as a simulation's)."""
     app = Path(app) if app else APP_DIR
     if not (app / "pyproject.toml").is_file():
-        raise DeployError(f"no Flower App at {app}; give --app PATH/TO/deploy/flower-app "
-                          "(it is in the histofed source tree)")
+        raise DeployError(f"no Flower App at {app}; give --app PATH/TO/an/app "
+                          "(histofed ships one in histofed/flower_app; is the install complete?)")
     if config is not None and not resume and not Path(config).is_file():
         raise DeployError(f"experiment config {config} does not exist")
     pairs = [f"run-dir={_toml_str(Path(run_dir).resolve())}", f"round-timeout={round_timeout!r}",

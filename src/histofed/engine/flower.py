@@ -1,7 +1,7 @@
 """The Flower engine: histofed's round loop and algorithms on Flower's Message API.
 
 The same objects run in Flower's simulation (Ray) and in a deployment (SuperLink + one
-SuperNode per hospital; see deploy/flower-app)::
+SuperNode per hospital; see histofed/flower_app)::
 
     ServerApp  server_app  Experiment.run(FlowerTransport(grid, ...))     -- histofed's loop
     ClientApp  client_app  query: handshake; train/evaluate: ClientRuntime.run(job)
