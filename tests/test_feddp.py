@@ -137,6 +137,49 @@ def test_local_noise_accounts_per_client_against_the_server(tiny_config, tmp_pat
         ["synthetic-0", "synthetic-1", "synthetic-2"]
 
 
+def _reject_client_0(monkeypatch, rounds: set[int]):
+    """The engine's upload check drops client 0 in ``rounds`` (as a norm or NaN check would)."""
+    from histofed.engine import loop
+    from histofed.engine.validate import Rejection
+
+    real = loop.check_uploads
+
+    def check(algorithm, sctx, state, sent, uploads, norm_limit):
+        kept, rejected = real(algorithm, sctx, state, sent, uploads, norm_limit)
+        if sctx.round in rounds and 0 in kept:
+            del kept[0]
+            rejected.append(Rejection(0, "rejected by the test"))
+        return kept, rejected
+
+    monkeypatch.setattr(loop, "check_uploads", check)
+
+
+def test_a_rejected_upload_still_counts_as_released(tiny_config, tmp_path, monkeypatch):
+    """The server saw the noised update even if it drops it: local noise counts the release,
+    and a round whose every upload is rejected still writes its privacy row."""
+    _reject_client_0(monkeypatch, {1, 2})
+    cfg = tiny_config("feddp", run={"rounds": 2}, model={"norm": "batch"},
+                      federation={"num_clients": 1, "images_per_client": 2},
+                      algorithm={"base": "fedbn", "noise": "local", "sigma": 2.0, "clip": 0.5})
+    _, out = _run(cfg, tmp_path, "local-rejected")
+    assert [r["round"] for r in read_jsonl(out / "rejected.jsonl")] == [1, 2]
+    rows = read_jsonl(out / "privacy.jsonl")  # both rounds kept nothing, yet were released
+    assert [r["round"] for r in rows] == [1, 2]
+    assert rows[-1]["epsilon"] == pytest.approx(Ledger([(1.0, 1.0, 2)]).epsilon(1e-5, "rdp"))
+
+
+def test_record_level_epsilon_of_a_rejected_upload_is_logged(tiny_config, tmp_path, monkeypatch):
+    _reject_client_0(monkeypatch, {2})
+    cfg = tiny_config("feddp", model={"norm": "group", "channels": [8, 16]}, run={"rounds": 2},
+                      algorithm={"level": "record", "sigma": 1.0, "clip": 1.0})
+    _, out = _run(cfg, tmp_path, "record-rejected")
+    per_client = {(r["round"], r["client"]): r["epsilon"]
+                  for r in read_jsonl(out / "privacy_clients.jsonl")}
+    # client 0 trained twice; its round-2 epsilon (rejected upload) is on the record
+    assert per_client[(2, "synthetic-0")] > per_client[(1, "synthetic-0")] > 0
+    assert per_client[(2, "synthetic-0")] == pytest.approx(per_client[(2, "synthetic-1")])
+
+
 def test_record_level_keeps_one_accountant_per_client(tiny_config, tmp_path):
     cfg = tiny_config("feddp", model={"norm": "group", "channels": [8, 16]}, run={"rounds": 2},
                       algorithm={"level": "record", "sigma": 1.0, "clip": 1.0})

@@ -314,6 +314,18 @@ class Algorithm:
         """Combine client payloads into the new server state (log rows: ``sctx.log``)."""
         raise NotImplementedError
 
+    # streams of round_logs that are ledgers: written even in a round whose every upload was
+    # rejected (what reached the server was released whether or not it is used)
+    ledger_streams: ClassVar[tuple[str, ...]] = ()
+
+    def account_released(self, sctx: ServerContext, state: Payload,
+                         arrived: dict[int, Payload]) -> Payload:
+        """The server state after noting what reached the server this round, *before* the
+        engine's upload checks: every payload in ``arrived`` was released by its site, even one
+        the engine then rejects. Privacy ledgers count here, not in ``aggregate`` (which sees
+        the kept uploads only). Default: the state unchanged."""
+        return state
+
     def expected_upload(self, sctx: ServerContext, state: Payload,
                         cid: int) -> dict[str, tuple[tuple[int, ...], np.dtype]] | None:
         """What client ``cid``'s fit upload must hold this round, ``{name: (shape, dtype)}``,

@@ -82,6 +82,15 @@ _SAMPLING, _SERVER_NOISE, _CLIENT_NOISE = 101, 102, 103  # RNG stream offsets
 _WHERE = "[algorithm] (feddp)"
 
 
+def _as_epsilon(value: Any) -> float:
+    """A site's reported record-level epsilon; missing or NaN counts as no guarantee (inf)."""
+    try:
+        eps = float(value)
+    except (TypeError, ValueError):
+        return math.inf
+    return math.inf if math.isnan(eps) else eps
+
+
 @register_algorithm("feddp")
 @dataclass
 class FedDP(Algorithm):
@@ -243,6 +252,26 @@ class FedDP(Algorithm):
             return expected
         return {k: v for k, v in expected.items() if np.issubdtype(v[1], np.floating)}
 
+    ledger_streams = ("privacy", "privacy_clients")
+
+    def account_released(self, sctx: ServerContext, state: Payload,
+                         arrived: dict[int, Payload]) -> Payload:
+        """Every upload that reached the server spent privacy, kept or rejected by the engine's
+        checks: record level takes each site's own epsilon (non-finite stays: sigma = 0 has no
+        guarantee), local noise counts one more release per site. Central noise spends nothing
+        here: only the noised aggregate is released (aggregate's ledger step)."""
+        real = {c: p for c, p in arrived.items() if not p.scalars.get(SKIP)}
+        scalars = dict(state.scalars)
+        if self.level == "record":
+            eps = list(scalars["dp_client_epsilon"])
+            for cid, p in real.items():
+                eps[cid] = max(eps[cid], _as_epsilon(p.scalars.get("epsilon")))
+            scalars["dp_client_epsilon"] = eps
+        elif self.noise == "local":
+            scalars["dp_participations"] = [n + (cid in real) for cid, n in
+                                            enumerate(scalars["dp_participations"])]
+        return Payload(state.arrays, scalars, kind=state.kind)
+
     def aggregate(self, sctx: ServerContext, state: Payload,
                   results: dict[int, Payload]) -> Payload:
         real = {c: p for c, p in results.items() if not p.scalars.get(SKIP)}
@@ -250,17 +279,8 @@ class FedDP(Algorithm):
         scalars["dp_participants_last"] = len(real)
         scalars["dp_released"] = sorted({k for p in real.values() for k in p.scalars})
         if self.level == "record":
-            eps = list(scalars["dp_client_epsilon"])
-            for cid, p in real.items():
-                eps[cid] = float(p.scalars["epsilon"])
-            scalars["dp_client_epsilon"] = eps
             new = self._base.aggregate(sctx, state, real) if real else state
             return Payload(new.arrays, {**new.scalars, **scalars}, kind="state")
-        if self.noise == "local":
-            counts = list(scalars["dp_participations"])
-            for cid in real:
-                counts[cid] += 1
-            scalars["dp_participations"] = counts
         if not self._base.mean_aggregation:  # local noise (checked): the base aggregates
             return self._aggregate_by_base(sctx, state, real, scalars)
         assert self.sigma is not None

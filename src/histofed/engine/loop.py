@@ -265,9 +265,10 @@ class Experiment:
                 f"round {rnd}: every client failed (see metrics.jsonl events). The checkpoint of "
                 f"round {rnd - 1} is intact: fix the cause (e.g. lower [train].lr) and run "
                 f"`histofed run --resume {self.run_dir} --set train.lr=<lower value>`")
+        state = self.algorithm.account_released(sctx, state, ok)  # rejected uploads were released too
         kept = self._reject(sctx, state, payloads, ok)
         if not kept:
-            return self._keep_state(rnd, state, len(ok))
+            return self._keep_state(sctx, state, len(ok))
         self.all_rejected = 0
         return self._aggregate(sctx, state, kept)
 
@@ -287,9 +288,17 @@ class Experiment:
         rundir.append_jsonl(self.run_dir / "rejected.jsonl", rows)
         return kept
 
-    def _keep_state(self, rnd: int, state: Payload, uploads: int) -> Payload:
-        """Every upload of round ``rnd`` was rejected: keep the previous state, or stop after
-        ``[server].max_rejected_rounds`` such rounds in a row."""
+    def _keep_state(self, sctx: ServerContext, state: Payload, uploads: int) -> Payload:
+        """Every upload of this round was rejected: keep the previous model, or stop after
+        ``[server].max_rejected_rounds`` such rounds in a row. The method's ledgers (privacy)
+        are still written: the rejected uploads were released."""
+        rnd = sctx.round
+        ledgers = {stem: rows for stem, rows in self.algorithm.round_logs(sctx, state).items()
+                   if stem in self.algorithm.ledger_streams}
+        if ledgers:
+            for stem, rows in ledgers.items():
+                sctx.logs.setdefault(stem, []).extend(rows)
+            self._write_logs(sctx)
         self.all_rejected += 1
         limit = self.config.server.max_rejected_rounds
         if self.all_rejected >= limit:
