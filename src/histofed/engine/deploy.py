@@ -15,7 +15,9 @@ Facts it relies on, read in Flower 1.42's source (``flwr/superlink/cli/flower_su
   --auth-supernode-private-key KEY --node-config "site=NAME data-root=DIR"``; its Runtime API
   (for its ClientApp) listens on ``--host``/``--port`` (default 127.0.0.1:9094). With
   ``--isolation process`` it launches no ClientApp process itself: ``histofed deploy
-  supernode`` starts one long-lived ``histofed.engine.deploy_worker`` next to it.
+  supernode`` starts one long-lived ``histofed.engine.deploy_worker`` next to it, and runs
+  the SuperNode as ``python -m histofed.flower_patches`` (Flower's own entry point, with
+  three fixed waits of its message loop shortened; see that module).
 * the ``flwr`` CLI reads SuperLink connections from ``$FLWR_HOME/config.toml``
   (``[superlink.NAME] address, root-certificates | insecure``); every child here has
   ``FLWR_HOME = <state>/flwr-home``.
@@ -164,9 +166,10 @@ def start_supernode(state: Path, *, site: str, superlink: str, data_root: Path |
     if data_root is not None:
         config += f" data-root={_toml_str(Path(data_root).resolve())}"
     config += f" {node_config}" if node_config else ""
-    cmd = [program("flower-supernode"), "--superlink", superlink, "--isolation", isolation,
-           "--host", "127.0.0.1", "--port", str(runtime_port), "--node-config", config,
-           "--max-retries", "10"]
+    # Flower's flower-supernode with shorter fixed waits (histofed/flower_patches.py)
+    cmd = [sys.executable, "-m", "histofed.flower_patches", "--superlink", superlink,
+           "--isolation", isolation, "--host", "127.0.0.1", "--port", str(runtime_port),
+           "--node-config", config, "--max-retries", "10"]
     cmd += ["--insecure"] if insecure else ["--root-certificates", str(Path(ca).resolve()),
                                             "--auth-supernode-private-key",
                                             str(Path(key).resolve())]
