@@ -9,7 +9,9 @@ One script run measures, on this machine and at the same time of day:
 3. optionally (``--baseline``) the same deployment with Flower's default ``--isolation
    subprocess`` (a fresh ``flwr-clientapp`` process per message);
 4. optionally (``--unpatched``) the deployment of 2. with Flower's own fixed waits
-   (``HISTOFED_FLOWER_PATCHES=0``, see histofed/flower_patches.py).
+   (``HISTOFED_FLOWER_PATCHES=0``, see histofed/flower_patches.py);
+5. optionally (``--in-memory``) the deployment of 2. with the SuperLink's state in memory
+   (``histofed deploy superlink --in-memory``) instead of its SQLite database.
 
 The experiment is the 3-site synthetic demo of histofed/flower_app (its ``histofed-config``).
 Per-round time is the wall time between the ends of consecutive rounds (``timing.jsonl``),
@@ -22,6 +24,7 @@ changed" on) is kept.
     python benchmarks/deploy.py                 # 4 rounds
     python benchmarks/deploy.py --baseline      # also Flower's default isolation (slow)
     python benchmarks/deploy.py --unpatched     # also without histofed's shorter Flower waits
+    python benchmarks/deploy.py --in-memory     # also with the SuperLink's state in memory
 """
 
 from __future__ import annotations
@@ -67,15 +70,17 @@ def max_diff(a: dict, b: dict) -> float:
     return max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
 
 
-def deployment(config, tmp: Path, isolation: str, patched: bool = True) -> dict:
-    tag = isolation + ("" if patched else "-unpatched")
+def deployment(config, tmp: Path, isolation: str, patched: bool = True,
+               persist: bool = True) -> dict:
+    tag = isolation + ("" if patched else "-unpatched") + ("" if persist else "-in-memory")
     state, sites = tmp / f"state-{tag}", [f"synthetic-{i}" for i in range(3)]
     make_certs(tmp / "certs", overwrite=True)
     t0 = time.time()
     os.environ["HISTOFED_FLOWER_PATCHES"] = "1" if patched else "0"  # inherited by every child
     try:
         port = deploy_procs.free_port()
-        deploy.start_superlink(state, certs=tmp / "certs", port=port, timeout=600)
+        deploy.start_superlink(state, certs=tmp / "certs", port=port, persist=persist,
+                               timeout=600)
         for site in sites:
             _, pub = make_node_key(tmp / f"keys-{tag}", site)
             deploy.register(state, pub, site=site)
@@ -104,6 +109,8 @@ def main() -> None:
                         help="also measure Flower's default isolation (a process per message)")
     parser.add_argument("--unpatched", action="store_true",
                         help="also measure the deployment with Flower's own fixed waits")
+    parser.add_argument("--in-memory", action="store_true",
+                        help="also measure the deployment with the SuperLink's state in memory")
     args = parser.parse_args()
     config = demo_config(args.rounds)
     rows = []
@@ -116,15 +123,16 @@ def main() -> None:
         rows.append({"engine": "in-process", "s_per_round": float(np.mean(ref_rounds)),
                      "rounds_s": ref_rounds, "startup_s": 0.0, "run_s": time.time() - t0,
                      "max_weight_diff": 0.0})
-        variants = [("process", True)] + [("process", False)] * args.unpatched \
-            + [("subprocess", True)] * args.baseline
-        for isolation, patched in variants:
-            got = deployment(config, tmp, isolation, patched)
+        variants = [("process", True, True)] + [("process", False, True)] * args.unpatched \
+            + [("process", True, False)] * args.in_memory + [("subprocess", True, True)] * args.baseline
+        for isolation, patched, persist in variants:
+            got = deployment(config, tmp, isolation, patched, persist)
             rounds = per_round(got["run_dir"])
             name = ("deployment, TLS + node auth, long-lived ClientApp (--isolation process)"
                     if isolation == "process" else
                     "deployment, TLS + node auth, Flower default (process per message)")
             name += ", shorter Flower waits" if patched else ", Flower's own waits"
+            name += "" if persist else ", SuperLink state in memory (--in-memory)"
             rows.append({"engine": name, "s_per_round": float(np.mean(rounds)),
                          "rounds_s": rounds, "startup_s": got["startup_s"], "run_s": got["run_s"],
                          "max_weight_diff": max_diff(weights(got["run_dir"]), weights(ref))})
