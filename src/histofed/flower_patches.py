@@ -2,7 +2,7 @@
 
 A timeline of one deployment round (benchmarks/results/deploy.md) showed several seconds of
 a ~12 s localhost round spent in three waits that are constants in Flower's source, with no
-flag or environment variable to change them (shortened here: 11.5 -> 6.4 s per round):
+flag or environment variable to change them (shortening them: 12.7 -> 8.0 s per round):
 
 1. ``PULL_INITIAL_BACKOFF = 1`` (``flwr/supercore/constant.py:48``), the default
    ``initial_backoff`` of ``pull_objects`` and ``pull_and_inflate_object_from_tree``
