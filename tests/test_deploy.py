@@ -152,3 +152,16 @@ def test_an_unknown_site_names_the_valid_ones():
                        "synthetic-0, synthetic-1, synthetic-2"):
         F.FlowerTransport(_site_grid(["synthetic-0", "hospital-x", "synthetic-2"]),
                           config_text=dump_toml(cfg.to_dict()), node_wait=0.0)
+
+
+def test_the_superlink_keeps_its_state_on_disk_unless_asked_for_memory(tmp_path, monkeypatch):
+    started = []
+    monkeypatch.setattr(deploy, "start_process", lambda state, name, cmd, env: started.append(
+        cmd) or deploy_procs.Proc(name, 1, "", cmd, str(tmp_path / f"{name}.log")))
+    monkeypatch.setattr(deploy, "_wait_for", lambda *a, **k: None)
+    deploy.start_superlink(tmp_path, certs=None, insecure=True, auth=False)
+    deploy.start_superlink(tmp_path, certs=None, insecure=True, auth=False, persist=False)
+    on_disk, in_memory = started
+    assert on_disk[on_disk.index("--database") + 1] == str((tmp_path / "superlink.db").resolve())
+    assert "--database" not in in_memory  # Flower's in-memory state
+    assert [a for a in on_disk if a != "--database" and "superlink.db" not in a] == in_memory

@@ -4,9 +4,9 @@ workers), 3 rounds of FedAvg and 3 of FedProx on the synthetic federation, the s
 and metrics as the in-process engine; an unregistered and a keyless SuperNode are refused.
 
 Opt-in (``HISTOFED_DEPLOY_E2E=1 python -m pytest tests/test_deploy_e2e.py``): it starts about
-ten Python processes that each import torch or Flower and a deployment round still costs tens of
-seconds (an idle SuperNode polls every 3 s; benchmarks/results/deploy.md), so it took 15 min on
-the shared 2-core machine, more than the whole default suite may. Every process it starts is
+ten Python processes that each import torch or Flower and a deployment round still costs
+seconds (benchmarks/results/deploy.md), so it takes minutes on the shared 2-core machine,
+more than the whole default suite may. Every process it starts is
 stopped by PID in the fixture's ``finally``, also when the test fails.
 """
 

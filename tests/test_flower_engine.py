@@ -177,6 +177,27 @@ def test_payload_roundtrip_keeps_keys_dtypes_values_and_kind():
     assert rec.records_to_payload(_wire(empty)).arrays == {}
 
 
+def test_jobs_and_replies_are_few_flower_objects():
+    """Every record is one more object, so one more request on each hop of a deployment
+    (ServerApp, SuperLink, SuperNode, ClientApp): a job is 7 objects whatever the model, a
+    reply without payload 3 whatever its number of metric tables (issue 13)."""
+    from flwr.app import MessageType
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+    from histofed.engine.runtime import ClientJob
+
+    payload = Payload({f"w{i}": np.zeros((4, 3), np.float32) for i in range(60)}, {"lr": 0.1})
+    job = Message(rec.job_to_content(ClientJob("fit", 0, 1, payload), "sha"), dst_node_id=1,
+                  message_type=MessageType.TRAIN)
+    fit = JobResult("fit", 0, payload=payload, logs={"loss": 1.0})
+    scores = JobResult("evaluate", 0, logs={"loss": 1.0}, metrics={
+        "global/test": {"dice": 0.3}, "global/val": {"dice": 0.2}, "personal/test": {"dice": 1.0}})
+    objects = lambda content: len(get_all_nested_objects(Message(content, reply_to=job)))  # noqa: E731
+    assert len(get_all_nested_objects(job)) == 7
+    assert objects(rec.result_to_content(fit, False)) == 7
+    assert objects(rec.result_to_content(scores, False)) == 3
+
+
 def test_result_roundtrip_and_metrics_must_be_numbers():
     result = JobResult("evaluate", 2, metrics={"global/test": {"dice": np.float64(0.25),
                                                                "n": np.int64(4)}},

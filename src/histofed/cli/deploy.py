@@ -108,6 +108,12 @@ def superlink(
     port: Annotated[int, typer.Option(help="Port of Flower's Fleet + Control + Runtime API.")] = 8000,
     insecure: Annotated[bool, typer.Option(help="No TLS, no node authentication (one-machine trials only).")] = False,
     auth: Annotated[bool, typer.Option(help="SuperNode authentication (only registered keys may join).")] = True,
+    persist: Annotated[bool, typer.Option(
+        "--persist/--in-memory",
+        help="Keep registrations, nodes and runs in <state-dir>/superlink.db across restarts. "
+             "--in-memory: faster rounds (about half the time per round on a busy machine), "
+             "but a restarted SuperLink forgets them: register the keys again and restart the "
+             "SuperNodes.")] = True,
     state_dir: StateDir = DEFAULT_STATE,
 ) -> None:
     """Start the SuperLink (the coordinator's Flower server) in the background.
@@ -121,7 +127,8 @@ def superlink(
 
     _warn_insecure(insecure)
     proc = deploy.start_superlink(state_dir, certs=certs, insecure=insecure,
-                                  auth=auth and not insecure, host=host, port=port)
+                                  auth=auth and not insecure, host=host, port=port,
+                                  persist=persist)
     typer.echo(f"superlink: PID {proc.pid}, listening on {host}:{port}, log {proc.log}")
     for key in register:
         typer.echo(f"registered {key}: node id {deploy.register(state_dir, key, site=key.stem)}")

@@ -10,12 +10,15 @@ Facts it relies on, read in Flower 1.42's source (``flwr/superlink/cli/flower_su
   ``--ssl-keyfile``, ``--ssl-ca-certfile``. ``--enable-supernode-auth`` (TLS required) admits
   only SuperNodes whose public key was registered with ``flwr supernode register``; others
   fail to activate (the SuperNode exits with code 305). ``--database FILE`` keeps the
-  registrations across a SuperLink restart.
+  registrations across a SuperLink restart (SQLite through SQLAlchemy: slower on every
+  request than the in-memory default, which ``persist=False`` keeps).
 * ``flower-supernode --superlink HOST:PORT --root-certificates CA
   --auth-supernode-private-key KEY --node-config "site=NAME data-root=DIR"``; its Runtime API
   (for its ClientApp) listens on ``--host``/``--port`` (default 127.0.0.1:9094). With
   ``--isolation process`` it launches no ClientApp process itself: ``histofed deploy
-  supernode`` starts one long-lived ``histofed.engine.deploy_worker`` next to it.
+  supernode`` starts one long-lived ``histofed.engine.deploy_worker`` next to it, and runs
+  the SuperNode as ``python -m histofed.flower_patches`` (Flower's own entry point, with
+  three fixed waits of its message loop shortened; see that module).
 * the ``flwr`` CLI reads SuperLink connections from ``$FLWR_HOME/config.toml``
   (``[superlink.NAME] address, root-certificates | insecure``); every child here has
   ``FLWR_HOME = <state>/flwr-home``.
@@ -85,7 +88,8 @@ def _certs(certs: Path | None, insecure: bool, *files: str) -> list[Path]:
 
 def start_superlink(state: Path, *, certs: Path | None, insecure: bool = False,
                     auth: bool = True, host: str = "127.0.0.1", port: int = SUPERLINK_PORT,
-                    address: str | None = None, timeout: float = 60.0) -> Proc:
+                    address: str | None = None, persist: bool = True,
+                    timeout: float = 60.0) -> Proc:
     """Start ``flower-superlink`` and point the ``flwr`` CLI at it; returns the process.
 
     Args:
@@ -95,6 +99,11 @@ def start_superlink(state: Path, *, certs: Path | None, insecure: bool = False,
         auth: SuperNode authentication (only registered keys may join; needs TLS).
         host, port: where it listens (0.0.0.0 to accept other machines).
         address: how ``flwr`` reaches it (default host:port, 127.0.0.1 for 0.0.0.0).
+        persist: keep the SuperLink's state (registrations, nodes, runs) in
+            ``<state>/superlink.db`` so it survives a restart; False: Flower's in-memory
+            state, which a restart forgets, but every poll, heartbeat and message costs less
+            (Flower 1.42's SQL state: about 2x the time per round of the localhost demo on a
+            loaded 2-core machine, benchmarks/results/deploy.md).
 
     Raises:
         DeployError: missing certificates, auth without TLS, or it exits / does not listen.
@@ -104,8 +113,8 @@ def start_superlink(state: Path, *, certs: Path | None, insecure: bool = False,
                           "--no-auth")
     ca, cert, key = _certs(certs, insecure, CA_CERT, SERVER_CERT, SERVER_KEY) or (None,) * 3
     cmd = [program("flower-superlink"), "--host", host, "--port", str(port),
-           "--database", str((Path(state) / "superlink.db").resolve()),
            "--disable-runtime-dependency-installation"]
+    cmd += ["--database", str((Path(state) / "superlink.db").resolve())] if persist else []
     cmd += ["--insecure"] if insecure else ["--ssl-ca-certfile", str(ca), "--ssl-certfile",
                                             str(cert), "--ssl-keyfile", str(key)]
     cmd += ["--enable-supernode-auth"] if auth else []
@@ -164,9 +173,10 @@ def start_supernode(state: Path, *, site: str, superlink: str, data_root: Path |
     if data_root is not None:
         config += f" data-root={_toml_str(Path(data_root).resolve())}"
     config += f" {node_config}" if node_config else ""
-    cmd = [program("flower-supernode"), "--superlink", superlink, "--isolation", isolation,
-           "--host", "127.0.0.1", "--port", str(runtime_port), "--node-config", config,
-           "--max-retries", "10"]
+    # Flower's flower-supernode with shorter fixed waits (histofed/flower_patches.py)
+    cmd = [sys.executable, "-m", "histofed.flower_patches", "--superlink", superlink,
+           "--isolation", isolation, "--host", "127.0.0.1", "--port", str(runtime_port),
+           "--node-config", config, "--max-retries", "10"]
     cmd += ["--insecure"] if insecure else ["--root-certificates", str(Path(ca).resolve()),
                                             "--auth-supernode-private-key",
                                             str(Path(key).resolve())]

@@ -27,6 +27,7 @@ import sys
 import time
 
 from histofed.engine import flower as F  # sets the FLWR_* defaults, imports torch once
+from histofed.flower_patches import patch_clientapp
 
 from flwr.app import Message  # noqa: E402
 from flwr.app.error import Error  # noqa: E402
@@ -130,6 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll otherwise
     if args.parent_pid is not None:
         start_parent_process_monitor(args.parent_pid)  # raises SIGINT when the node is gone
+    patch_clientapp()  # no 1 s sleep when a job's objects are still on their way to the node
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))  # nothing to flush: the node keeps state
     root = open(args.root_certificates, "rb").read() if args.root_certificates else None
     try:

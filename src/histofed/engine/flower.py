@@ -58,6 +58,7 @@ from histofed.data.federation import Federation, build_federation  # noqa: E402
 from histofed.engine import node_state, rundir  # noqa: E402
 from histofed.engine.loop import Experiment, RunError, config_with  # noqa: E402
 from histofed.engine.runtime import POOLED, ClientJob, ClientRuntime, JobResult  # noqa: E402
+from histofed.flower_patches import patch_serverapp  # noqa: E402
 
 RUN = "histofed.run"  # ConfigRecord of the handshake (and of a node's run info in context.state)
 NODE = node_state.NODE  # ConfigRecord: where a node keeps private state, which round it holds
@@ -656,6 +657,7 @@ server_app = ServerApp()
 @server_app.main()
 def server_main(grid: Grid, context: Context) -> None:
     """Flower entry point: read the run config and run the experiment (see :class:`RunSpec`)."""
+    patch_serverapp()  # a deployment's pulls of replies: no 1 s sleep per early pull
     serve(grid, RunSpec.from_run_config(dict(context.run_config)))
 
 

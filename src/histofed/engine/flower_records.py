@@ -1,22 +1,25 @@
 """histofed objects <-> Flower records (the wire format of the Flower engine).
 
-A :class:`~histofed.algorithms.base.Payload` becomes three records under one prefix::
+A :class:`~histofed.algorithms.base.Payload` becomes two records under one prefix::
 
     <prefix>.arrays   ArrayRecord   one uint8 array: every array's raw bytes back to back
                                     (dtype, shape and offset of each in the meta JSON)
-    <prefix>.scalars  ConfigRecord  scalars Flower can hold as they are (bool/int/float/str and
-                                    non-empty lists of one of those types)
-    <prefix>.meta     ConfigRecord  {"kind": payload kind, "json": JSON of the other scalars
-                                    and of the key order}
+    <prefix>.meta     ConfigRecord  {"kind": payload kind, "json": JSON of the scalars (in
+                                    their order) and of the arrays' index}
 
 so ``records_to_payload(payload_to_records(p))`` gives back the same keys, dtypes, values and
-kind. Client jobs, their results and a node's private state (kept in ``context.state``) use the
-same encoding. No pickles cross the wire.
+kind (JSON keeps int vs float, bool, lists, NaN). Client jobs, their results and a node's
+private state (kept in ``context.state``) use the same encoding. A reply's local training log
+and metrics are JSON in its result record. No pickles cross the wire.
 
 Why one packed array and not one Flower ``Array`` per tensor: a SuperNode fetches a message
 from the SuperLink one object per request, and every ``Array`` is an object, so a UNet's ~60
 tensors cost ~60 round trips per message (measured: 7-17 s to fetch one job's input on a busy
-localhost, issue 13). Packed, a payload is a handful of objects whatever the model.
+localhost, issue 13). Packed, a payload is a handful of objects whatever the model. For the
+same reason every record counts: each is one more object (one more request on each of the
+six hops of a job and its reply). A fit job is 7 objects (Message, RecordDict, job record,
+ArrayRecord, Array, its chunk, payload meta), an evaluate reply 3 (Message, RecordDict, result
+record); before scalars, logs and metrics were folded in, 8 and 5 + one per metric table.
 """
 
 from __future__ import annotations
@@ -35,20 +38,16 @@ for _key, _value in (("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1"),
                      ("FLWR_TELEMETRY_ENABLED", "0"), ("FLWR_DISABLE_UPDATE_CHECK", "1")):
     os.environ.setdefault(_key, _value)
 
-from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict  # noqa: E402
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict  # noqa: E402
 
 from histofed.algorithms.base import Payload  # noqa: E402
 from histofed.engine.runtime import ClientJob, JobResult  # noqa: E402
 
 JOB = "histofed.job"  # ConfigRecord: kind, cid, round, config-sha
 PAYLOAD = "histofed.payload"  # prefix of the payload records (both directions)
-RESULT = "histofed.result"  # ConfigRecord: kind, cid, seconds, has-state[, error]
-LOGS = "histofed.logs"  # MetricRecord: the client's local training log
-METRICS = "histofed.metrics."  # + "<model>/<split>": MetricRecord
+RESULT = "histofed.result"  # ConfigRecord: kind, cid, seconds, has-state, logs, metrics[, error]
 STATE = "histofed.client-state"  # prefix of the private state inside a node's context.state
 
-_INT64 = (-(2**63), 2**63 - 1)
-_NATIVE = (bool, int, float, str)
 
 
 def config_sha(config_text: str) -> str:
@@ -57,33 +56,19 @@ def config_sha(config_text: str) -> str:
 
 
 # ---- payloads -------------------------------------------------------------------------------
-def _native(value: Any) -> bool:
-    """True when a ConfigRecord holds ``value`` and gives it back with the same Python type."""
-    if isinstance(value, list):
-        return bool(value) and type(value[0]) in _NATIVE and all(
-            type(v) is type(value[0]) and _native(v) for v in value)
-    if type(value) is int:
-        return _INT64[0] <= value <= _INT64[1]
-    return type(value) in _NATIVE
-
-
 def payload_to_records(payload: Payload, prefix: str = PAYLOAD) -> dict[str, Any]:
-    """The three records of ``payload`` (see the module docstring), keyed by record name.
+    """The two records of ``payload`` (see the module docstring), keyed by record name.
 
     Raises:
         TypeError: an array is not a numpy array, or a scalar is not JSON-able.
     """
     packed, index = _pack(payload.arrays)
-    native = {k: v for k, v in payload.scalars.items() if _native(v)}
-    other = {k: v for k, v in payload.scalars.items() if k not in native}
     try:
-        encoded = json.dumps({"order": list(payload.scalars), "values": other, "index": index},
-                             separators=(",", ":"))
+        encoded = json.dumps({"scalars": payload.scalars, "index": index}, separators=(",", ":"))
     except TypeError as err:
         raise TypeError(f"payload scalars must be JSON-able: {err}") from None
     return {
         f"{prefix}.arrays": ArrayRecord({"packed": Array(packed)}),
-        f"{prefix}.scalars": ConfigRecord(native),
         f"{prefix}.meta": ConfigRecord({"kind": payload.kind, "json": encoded}),
     }
 
@@ -91,15 +76,13 @@ def payload_to_records(payload: Payload, prefix: str = PAYLOAD) -> dict[str, Any
 def records_to_payload(records: RecordDict, prefix: str = PAYLOAD) -> Payload:
     """Inverse of :func:`payload_to_records`; raises KeyError naming a missing record."""
     try:
-        arrays, scalars, meta = (records[f"{prefix}.{part}"] for part in ("arrays", "scalars", "meta"))
+        arrays, meta = (records[f"{prefix}.{part}"] for part in ("arrays", "meta"))
+        extra = json.loads(str(meta["json"]))
+        scalars, index = extra["scalars"], extra["index"]
     except KeyError as err:
-        raise KeyError(f"message has no record {err}; sender and receiver run different "
-                       "histofed versions?") from None
-    extra = json.loads(str(meta["json"]))
-    out = _unpack(arrays["packed"].numpy(), extra["index"])
-    values = {k: (list(v) if isinstance(v, list) else v) for k, v in scalars.items()}
-    values.update(extra["values"])
-    return Payload(out, {k: values[k] for k in extra["order"]}, kind=str(meta["kind"]))
+        raise KeyError(f"message has no {err}; sender and receiver run different histofed "
+                       "versions?") from None
+    return Payload(_unpack(arrays["packed"].numpy(), index), scalars, kind=str(meta["kind"]))
 
 
 def _pack(arrays: dict[str, Any]) -> tuple[np.ndarray, list[list]]:
@@ -154,14 +137,14 @@ def content_to_job(content: RecordDict) -> tuple[ClientJob, str]:
     return job, str(info["config-sha"])
 
 
-def _metric_record(values: dict[str, Any], what: str) -> MetricRecord:
-    """MetricRecord of numbers; numpy scalars become Python ones, anything else is an error."""
+def _numbers(values: dict[str, Any], what: str) -> dict[str, int | float]:
+    """Numbers only: numpy scalars become Python ones, anything else is an error."""
     out: dict[str, int | float] = {}
     for key, value in values.items():
         if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
             raise TypeError(f"{what} {key!r} = {value!r}: metrics must be numbers")
         out[key] = int(value) if isinstance(value, numbers.Integral) else float(value)
-    return MetricRecord(out)
+    return out
 
 
 def result_to_content(result: JobResult, has_state: bool) -> RecordDict:
@@ -171,17 +154,17 @@ def result_to_content(result: JobResult, has_state: bool) -> RecordDict:
     so it can refuse a resume that would silently lose that state.
     """
     content = RecordDict()
+    metrics = {key: _numbers(values, f"metric of {key}") for key, values in result.metrics.items()}
     info: dict[str, Any] = {"kind": result.kind, "cid": int(result.cid),
-                            "seconds": float(result.seconds), "has-state": bool(has_state)}
+                            "seconds": float(result.seconds), "has-state": bool(has_state),
+                            "logs": json.dumps(_numbers(result.logs, "log")),
+                            "metrics": json.dumps(metrics)}
     if result.error is not None:
         info["error"] = str(result.error)
     content[RESULT] = ConfigRecord(info)
     if result.payload is not None:
         for key, record in payload_to_records(result.payload).items():
             content[key] = record
-    content[LOGS] = _metric_record(result.logs, "log")
-    for key, metrics in result.metrics.items():
-        content[METRICS + key] = _metric_record(metrics, f"metric of {key}")
     return content
 
 
@@ -193,9 +176,8 @@ def content_to_result(content: RecordDict) -> tuple[JobResult, bool]:
                        error=str(info["error"]) if "error" in info else None)
     if has_payload(content):
         result.payload = records_to_payload(content)
-    result.logs = dict(content[LOGS]) if LOGS in content else {}
-    result.metrics = {key[len(METRICS):]: dict(record) for key, record in content.items()
-                      if key.startswith(METRICS)}
+    result.logs = json.loads(str(info["logs"]))
+    result.metrics = json.loads(str(info["metrics"]))
     return result, bool(info["has-state"])
 
 
