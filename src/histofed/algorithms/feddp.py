@@ -82,6 +82,11 @@ _SAMPLING, _SERVER_NOISE, _CLIENT_NOISE = 101, 102, 103  # RNG stream offsets
 _WHERE = "[algorithm] (feddp)"
 
 
+def _real(uploads: dict[int, Payload]) -> dict[int, Payload]:
+    """The uploads of clients that trained (not the no-op job of a round that sampled nobody)."""
+    return {c: p for c, p in uploads.items() if not p.scalars.get(SKIP)}
+
+
 def _as_epsilon(value: Any) -> float:
     """A site's reported record-level epsilon; missing or NaN counts as no guarantee (inf)."""
     try:
@@ -260,7 +265,7 @@ class FedDP(Algorithm):
         checks: record level takes each site's own epsilon (non-finite stays: sigma = 0 has no
         guarantee), local noise counts one more release per site. Central noise spends nothing
         here: only the noised aggregate is released (aggregate's ledger step)."""
-        real = {c: p for c, p in arrived.items() if not p.scalars.get(SKIP)}
+        real = _real(arrived)
         scalars = dict(state.scalars)
         if self.level == "record":
             eps = list(scalars["dp_client_epsilon"])
@@ -274,7 +279,7 @@ class FedDP(Algorithm):
 
     def aggregate(self, sctx: ServerContext, state: Payload,
                   results: dict[int, Payload]) -> Payload:
-        real = {c: p for c, p in results.items() if not p.scalars.get(SKIP)}
+        real = _real(results)
         scalars = dict(state.scalars)
         scalars["dp_participants_last"] = len(real)
         scalars["dp_released"] = sorted({k for p in real.values() for k in p.scalars})

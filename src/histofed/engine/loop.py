@@ -293,12 +293,8 @@ class Experiment:
         ``[server].max_rejected_rounds`` such rounds in a row. The method's ledgers (privacy)
         are still written: the rejected uploads were released."""
         rnd = sctx.round
-        ledgers = {stem: rows for stem, rows in self.algorithm.round_logs(sctx, state).items()
-                   if stem in self.algorithm.ledger_streams}
-        if ledgers:
-            for stem, rows in ledgers.items():
-                sctx.logs.setdefault(stem, []).extend(rows)
-            self._write_logs(sctx)
+        if self.algorithm.ledger_streams:
+            self._log_round(sctx, state, only=self.algorithm.ledger_streams)
         self.all_rejected += 1
         limit = self.config.server.max_rejected_rounds
         if self.all_rejected >= limit:
@@ -324,10 +320,17 @@ class Experiment:
                            f"although every upload was finite; the checkpoint of round "
                            f"{sctx.round - 1} is intact (a bug in {self.algorithm.name!r}'s "
                            "aggregate: please report it)")
-        for stem, rows in self.algorithm.round_logs(sctx, new).items():
-            sctx.logs.setdefault(stem, []).extend(rows)
-        self._write_logs(sctx)
+        self._log_round(sctx, new)
         return new
+
+    def _log_round(self, sctx: ServerContext, state: Payload,
+                   only: tuple[str, ...] | None = None) -> None:
+        """The method's ``round_logs`` of ``state`` (the streams in ``only``, if given) and the
+        rows gathered in ``sctx.logs``, written to their jsonl files."""
+        for stem, rows in self.algorithm.round_logs(sctx, state).items():
+            if only is None or stem in only:
+                sctx.logs.setdefault(stem, []).extend(rows)
+        self._write_logs(sctx)
 
     def _write_logs(self, sctx: ServerContext) -> None:
         for stem, rows in sctx.logs.items():
